@@ -1,0 +1,1 @@
+//! The CRI front end and the `corrald` daemon (issue 5).
