@@ -14,7 +14,7 @@ pub use containerd_shim_protos::{protobuf, ttrpc};
 pub mod shim {
     /// Messages of `corral.shim.v1.Log`.
     pub mod log {
-        #![allow(clippy::all, unused_mut, missing_docs)]
+        #![allow(clippy::all, unused_mut, missing_docs, non_upper_case_globals)]
         include!(concat!(env!("OUT_DIR"), "/corral/log.rs"));
     }
 

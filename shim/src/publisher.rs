@@ -1,0 +1,153 @@
+//! Publishes task events to the daemon, as containerd shims do: the ttrpc
+//! `containerd.services.events.ttrpc.v1.Events/Forward` at `TTRPC_ADDRESS`.
+//!
+//! Events are queued in order and sent by one thread, so they reach the
+//! daemon in the order the service emitted them (Create before Start before
+//! Exit before Delete). While the daemon is away (restarting), the queue
+//! holds up to [`QUEUE_LIMIT`] events and the thread reconnects; the shim's
+//! containers are never slowed down by a missing daemon.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use corral_proto::{
+    containerd::{
+        protobuf::{well_known_types::any::Any, MessageDyn},
+        shim::{event::Envelope, events::ForwardRequest},
+        shim_sync::{Client, EventsClient},
+    },
+    ttrpc::context,
+};
+
+/// As containerd's shim publisher: beyond this, the oldest events are dropped.
+const QUEUE_LIMIT: usize = 2048;
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+pub struct Publisher {
+    queue: Arc<Queue>,
+    namespace: String,
+}
+
+struct Queue {
+    events: Mutex<VecDeque<Envelope>>,
+    ready: Condvar,
+}
+
+impl Publisher {
+    /// Starts the sending thread. Connecting is lazy: a daemon that is not
+    /// listening yet is retried, not an error.
+    pub fn start(address: &str, namespace: &str) -> std::io::Result<Publisher> {
+        let queue = Arc::new(Queue {
+            events: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+        });
+        let worker = Arc::clone(&queue);
+        let address = address.to_string();
+        thread::Builder::new()
+            .name("publisher".into())
+            .stack_size(128 * 1024)
+            .spawn(move || send_loop(&address, &worker))?;
+        Ok(Publisher {
+            queue,
+            namespace: namespace.to_string(),
+        })
+    }
+
+    pub fn publish(&self, topic: &str, event: &dyn MessageDyn) {
+        let any = match event.write_to_bytes_dyn() {
+            // containerd's typeurl names a proto message by its full name
+            // alone, without the `type.googleapis.com/` host.
+            Ok(value) => Any {
+                type_url: event.descriptor_dyn().full_name().to_string(),
+                value,
+                ..Default::default()
+            },
+            Err(e) => {
+                log::error!("encode {topic} event: {e}");
+                return;
+            }
+        };
+        let envelope = Envelope {
+            timestamp: Some(crate::timestamp(SystemTime::now())).into(),
+            namespace: self.namespace.clone(),
+            topic: topic.to_string(),
+            event: Some(any).into(),
+            ..Default::default()
+        };
+        let mut events = lock(&self.queue.events);
+        if events.len() >= QUEUE_LIMIT {
+            events.pop_front();
+            log::warn!("event queue full: dropped the oldest event");
+        }
+        events.push_back(envelope);
+        self.queue.ready.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn send_loop(address: &str, queue: &Queue) {
+    let mut client: Option<EventsClient> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let envelope = {
+            let mut events = lock(&queue.events);
+            while events.is_empty() {
+                events = queue
+                    .ready
+                    .wait(events)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            events.front().cloned()
+        };
+        let Some(envelope) = envelope else { continue };
+
+        if client.is_none() {
+            match connect(address) {
+                Ok(c) => {
+                    client = Some(c);
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => {
+                    log::debug!("events: connect {address}: {e}");
+                    thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
+            }
+        }
+        let Some(events_client) = client.as_ref() else { continue };
+        let req = ForwardRequest {
+            envelope: Some(envelope).into(),
+            ..Default::default()
+        };
+        match events_client.forward(context::with_timeout(SEND_TIMEOUT.as_nanos() as i64), &req) {
+            Ok(_) => {
+                lock(&queue.events).pop_front();
+            }
+            Err(e) => {
+                // Keep the event at the head: it is resent on the next
+                // connection, so order holds across a daemon restart.
+                log::debug!("events: forward to {address}: {e}");
+                client = None;
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+fn connect(address: &str) -> Result<EventsClient, String> {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    use std::os::fd::IntoRawFd;
+    let client = Client::new(stream.into_raw_fd()).map_err(|e| e.to_string())?;
+    Ok(EventsClient::new(client))
+}
