@@ -1,1 +1,32 @@
 //! Fixtures shared by the end-to-end tests and benchmarks.
+//!
+//! They drive corral's built binaries from outside, exactly as containerd and
+//! kubelet would, against real runc, a real busybox rootfs, real namespaces
+//! and cgroups. Nothing here is a mock.
+//!
+//! - [`bin`]: where the built binaries are.
+//! - [`unique`]: names that never clash between tests running in parallel.
+//! - [`cleanup`]: the per-test guard that removes everything a test made.
+//! - [`rootfs`]: busybox root filesystems.
+//! - [`bundle`]: OCI bundles (`config.json`) the way runc 1.1 reads them.
+//! - [`runc`]: the raw runc CLI, the baseline a shim is compared against.
+//! - [`events`]: containerd's ttrpc events service, recording what a shim publishes.
+//! - [`shim`]: starting, connecting to and deleting a runtime v2 shim.
+
+pub mod bin;
+pub mod bundle;
+pub mod cleanup;
+pub mod error;
+pub mod events;
+pub mod rootfs;
+pub mod runc;
+pub mod shim;
+pub mod unique;
+
+pub use bundle::Bundle;
+pub use cleanup::Cleanup;
+pub use error::{Error, Result};
+pub use events::{Event, EventsSink, ReceivedEvent};
+pub use rootfs::BusyboxRootfs;
+pub use runc::Runc;
+pub use shim::{Bootstrap, ShimCommand, ShimProcess, ShimStdin};

@@ -33,7 +33,10 @@ use crate::{
 };
 
 /// Annotations that group containers into one shim, in order of precedence.
-const GROUP_ANNOTATIONS: [&str; 2] = ["io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id"];
+const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+];
 const MAX_INPUT: u64 = 10 << 20;
 const PROTOCOL: &str = "ttrpc";
 
@@ -55,7 +58,9 @@ struct StartParams {
 
 pub fn start(flags: &Flags) -> Result<()> {
     if flags.namespace.is_empty() || flags.id.is_empty() {
-        return Err(Error::InvalidArgument("start needs -namespace and -id".into()));
+        return Err(Error::InvalidArgument(
+            "start needs -namespace and -id".into(),
+        ));
     }
     let params = read_params(flags)?;
     let bundle = std::env::current_dir().map_err(|e| Error::io("current directory", e))?;
@@ -105,7 +110,10 @@ fn read_params(flags: &Flags) -> Result<StartParams> {
             let level = p.log_level.value();
             return Ok(StartParams {
                 protocol: Protocol::Bootstrap,
-                ttrpc_address: required(p.containerd_ttrpc_address.clone(), "bootstrap containerd_ttrpc_address")?,
+                ttrpc_address: required(
+                    p.containerd_ttrpc_address.clone(),
+                    "bootstrap containerd_ttrpc_address",
+                )?,
                 grpc_address: p.containerd_grpc_address.clone(),
                 publish_binary: p.containerd_binary.clone(),
                 socket_dir: p.socket_dir.clone(),
@@ -114,11 +122,18 @@ fn read_params(flags: &Flags) -> Result<StartParams> {
             });
         }
     }
-    let options = Any::parse_from_bytes(&input).ok().as_ref().and_then(decode_options);
+    let options = Any::parse_from_bytes(&input)
+        .ok()
+        .as_ref()
+        .and_then(decode_options);
     Ok(StartParams {
         protocol: Protocol::Legacy,
         ttrpc_address: required(env("TTRPC_ADDRESS"), "environment variable TTRPC_ADDRESS")?,
-        grpc_address: if flags.address.is_empty() { env("GRPC_ADDRESS") } else { flags.address.clone() },
+        grpc_address: if flags.address.is_empty() {
+            env("GRPC_ADDRESS")
+        } else {
+            flags.address.clone()
+        },
         publish_binary: flags.publish_binary.clone(),
         socket_dir: None,
         debug: flags.debug,
@@ -190,7 +205,10 @@ fn lock_socket(socket: &str) -> Result<File> {
     let file = File::create(&lock_path).map_err(|e| Error::io(format!("create {lock_path}"), e))?;
     // SAFETY: flock on an fd this function owns.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(Error::io(format!("lock {lock_path}"), std::io::Error::last_os_error()));
+        return Err(Error::io(
+            format!("lock {lock_path}"),
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(file)
 }
@@ -204,14 +222,26 @@ fn is_serving(socket: &str) -> bool {
 fn spawn_server(flags: &Flags, params: &StartParams, address: &str) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locate the shim binary", e))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &params.grpc_address])
-        .args(["-publish-binary", &params.publish_binary, "-socket", address])
-        .env("TTRPC_ADDRESS", &params.ttrpc_address)
-        .env("GRPC_ADDRESS", &params.grpc_address)
-        .env("NAMESPACE", &flags.namespace)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "-namespace",
+        &flags.namespace,
+        "-id",
+        &flags.id,
+        "-address",
+        &params.grpc_address,
+    ])
+    .args([
+        "-publish-binary",
+        &params.publish_binary,
+        "-socket",
+        address,
+    ])
+    .env("TTRPC_ADDRESS", &params.ttrpc_address)
+    .env("GRPC_ADDRESS", &params.grpc_address)
+    .env("NAMESPACE", &flags.namespace)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     if params.debug {
         cmd.arg("-debug");
     }
@@ -223,7 +253,9 @@ fn spawn_server(flags: &Flags, params: &StartParams, address: &str) -> Result<()
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| Error::io("spawn the shim server", e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io("spawn the shim server", e))?;
     if let Some(mut ready) = child.stdout.take() {
         let mut sink = Vec::new();
         let _ = ready.read_to_end(&mut sink);

@@ -107,7 +107,9 @@ impl Cgroup {
         let proc_path = PathBuf::from(format!("/proc/{pid}/cgroup"));
         let proc_text = match fs::read_to_string(&proc_path) {
             Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
                 return Err(CgroupError::NoProcess { pid })
             }
             Err(e) => return Err(io_err("reading", &proc_path, e)),
@@ -176,10 +178,12 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> CgroupError {
 }
 
 fn pack(type_url: &str, message: &impl Message, dir: &Path) -> Result<Any> {
-    let value = message.write_to_bytes().map_err(|source| CgroupError::Encode {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let value = message
+        .write_to_bytes()
+        .map_err(|source| CgroupError::Encode {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     let mut any = Any::new();
     any.type_url = type_url.to_string();
     any.value = value;
@@ -203,7 +207,8 @@ fn parse_proc_cgroup(text: &str) -> std::result::Result<Vec<ProcCgroupLine>, Str
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         // The path may itself contain ':', so split at the first two only.
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
             return Err(format!("malformed line {line:?}"));
         };
         let hierarchy = id
@@ -280,7 +285,9 @@ fn unescape_mountinfo(field: &str) -> String {
         if bytes[i] == b'\\' {
             if let Some(digits) = bytes.get(i + 1..i + 4) {
                 if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                    let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                    let value = digits
+                        .iter()
+                        .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
                     if let Ok(b) = u8::try_from(value) {
                         out.push(b);
                         i += 4;
@@ -342,7 +349,9 @@ fn resolve(pid: i32, proc_cgroup: &str, mountinfo: &str) -> Result<Cgroup> {
     for line in lines.iter().filter(|l| !l.controllers.is_empty()) {
         let candidates: Vec<&CgroupMount> = mounts
             .iter()
-            .filter(|m| m.fs == CgroupFs::V1 && line.controllers.iter().all(|c| m.options.contains(c)))
+            .filter(|m| {
+                m.fs == CgroupFs::V1 && line.controllers.iter().all(|c| m.options.contains(c))
+            })
             .collect();
         if let Some(mount) = best_mount(&candidates, &line.path) {
             let dir = cgroup_dir(mount, &line.path);
@@ -639,7 +648,10 @@ fn v1_blkio(dir: &Path) -> Result<v1::BlkIOStat> {
     // throttle layer is what counts every device's I/O (containerd reads them
     // in the same order).
     let (bytes_file, ios_file) = if dir.join("blkio.io_serviced_recursive").exists() {
-        ("blkio.io_service_bytes_recursive", "blkio.io_serviced_recursive")
+        (
+            "blkio.io_service_bytes_recursive",
+            "blkio.io_serviced_recursive",
+        )
     } else {
         (
             "blkio.throttle.io_service_bytes_recursive",
@@ -890,12 +902,15 @@ pub struct OomWatch {
 impl OomWatch {
     /// Whether the watch thread has ended (its cgroup was removed, or it was
     /// stopped).
+    // Part of the API whether or not the shim calls it yet.
+    #[allow(dead_code)]
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Stops the watch and waits for its thread to end. Must not be called
     /// while holding anything `on_oom` waits for.
+    #[allow(dead_code)]
     pub fn stop(mut self) {
         self.signal_stop();
         if let Some(thread) = self.thread.take() {
@@ -952,7 +967,11 @@ enum Wake {
 
 /// Waits for `fd` to be readable, the stop eventfd to be signalled, or the
 /// timeout.
-fn wait_for(stop: &EventFd, fd: BorrowedFd<'_>, timeout: Duration) -> std::result::Result<Wake, Errno> {
+fn wait_for(
+    stop: &EventFd,
+    fd: BorrowedFd<'_>,
+    timeout: Duration,
+) -> std::result::Result<Wake, Errno> {
     let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
     loop {
         let mut fds = [
@@ -989,7 +1008,13 @@ fn watch_v1(dir: &Path, on_oom: impl Fn() + Send + 'static) -> Result<OomWatch> 
         .and_then(|mut f| {
             f.write_all(format!("{} {}", event.as_raw_fd(), control.as_raw_fd()).as_bytes())
         })
-        .map_err(|e| io_err("registering for OOM notification through", &event_control, e))?;
+        .map_err(|e| {
+            io_err(
+                "registering for OOM notification through",
+                &event_control,
+                e,
+            )
+        })?;
     // The kernel keeps no reference to memory.oom_control once registered.
     // Closing `event` later (when the thread ends) unregisters the
     // notification: the kernel sees the eventfd hang up.
@@ -1107,7 +1132,10 @@ fn watch_v2(dir: &Path, file: &str, on_oom: impl Fn() + Send + 'static) -> Resul
     // IN_DELETE for it, from the rmdir.
     let parent_wd = dir.parent().and_then(|parent| {
         inotify
-            .add_watch(parent, AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM)
+            .add_watch(
+                parent,
+                AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM,
+            )
             .map_err(|e| {
                 log::warn!(
                     "OOM watch of {}: cannot watch {} for its removal ({e}); checking every {:?}",
@@ -1175,8 +1203,9 @@ impl V2Watch {
                         let removed_here = Some(e.wd) == self.parent_wd
                             && e.name.is_some()
                             && e.name == name
-                            && e.mask
-                                .intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM);
+                            && e.mask.intersects(
+                                AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM,
+                            );
                         let watch_dropped =
                             e.wd == self.events_wd && e.mask.contains(AddWatchFlags::IN_IGNORED);
                         removed_here || watch_dropped
@@ -1203,5 +1232,1001 @@ impl V2Watch {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protobuf::MessageFull;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Instant;
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    /// A cgroup name no other test, or concurrent run, uses.
+    fn unique(tag: &str) -> String {
+        format!(
+            "corral-cgtest-{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, SeqCst)
+        )
+    }
+
+    fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        done()
+    }
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        fs::write(dir.join(file), text).unwrap();
+    }
+
+    // -- finding the cgroup ------------------------------------------------
+
+    const HYBRID_PROC: &str = "\
+9:name=systemd:/kubepods/pod1/ctr
+8:pids:/kubepods/pod1/ctr
+4:memory:/kubepods/pod1/ctr
+2:cpu,cpuacct:/kubepods/pod1/ctr
+1:net_cls:/
+0::/kubepods/pod1/ctr
+";
+
+    const HYBRID_MOUNTINFO: &str = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:30 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+36 31 0:33 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:14 - cgroup cgroup rw,cpu,cpuacct
+37 31 0:34 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+38 31 0:35 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,pids
+39 31 0:36 / /sys/fs/cgroup/net_cls rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,net_cls
+";
+
+    #[test]
+    fn parses_proc_cgroup_lines() {
+        let lines = parse_proc_cgroup("2:cpu,cpuacct:/a:b\n0::/x/y\n\n1:name=systemd:/\n").unwrap();
+        assert_eq!(
+            lines,
+            vec![
+                ProcCgroupLine {
+                    hierarchy: 2,
+                    controllers: vec!["cpu".into(), "cpuacct".into()],
+                    path: "/a:b".into(),
+                },
+                ProcCgroupLine {
+                    hierarchy: 0,
+                    controllers: vec![],
+                    path: "/x/y".into(),
+                },
+                ProcCgroupLine {
+                    hierarchy: 1,
+                    controllers: vec!["name=systemd".into()],
+                    path: "/".into(),
+                },
+            ]
+        );
+        assert!(parse_proc_cgroup("garbage\n").is_err());
+        assert!(parse_proc_cgroup("x:memory:/\n").is_err());
+    }
+
+    #[test]
+    fn parses_mountinfo_cgroup_mounts_only() {
+        let text = "\
+36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+40 31 0:37 / /sys/fs/cgroup/my\\040dir rw,relatime shared:1 master:2 - cgroup cgroup rw,memory
+41 31 0:38 /kubepods /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+42 31 0:39 / /broken rw - cgroup2
+";
+        let mounts = parse_mountinfo(text);
+        assert_eq!(
+            mounts,
+            vec![
+                CgroupMount {
+                    fs: CgroupFs::V1,
+                    root: "/".into(),
+                    mount_point: "/sys/fs/cgroup/my dir".into(),
+                    options: vec!["rw".into(), "memory".into()],
+                },
+                CgroupMount {
+                    fs: CgroupFs::V2,
+                    root: "/kubepods".into(),
+                    mount_point: "/sys/fs/cgroup".into(),
+                    options: vec!["rw".into()],
+                },
+            ]
+        );
+        assert_eq!(unescape_mountinfo(r"a\134b\011c\0"), "a\\b\tc\\0");
+        assert_eq!(unescape_mountinfo("é\\04"), "é\\04");
+    }
+
+    #[test]
+    fn hybrid_host_resolves_to_v1_directories() {
+        let cgroup = resolve(42, HYBRID_PROC, HYBRID_MOUNTINFO).unwrap();
+        let Cgroup::V1 { paths } = cgroup else {
+            panic!("expected v1, got {cgroup:?}");
+        };
+        let dir = |d: &str| PathBuf::from(d);
+        assert_eq!(
+            paths["memory"],
+            dir("/sys/fs/cgroup/memory/kubepods/pod1/ctr")
+        );
+        assert_eq!(
+            paths["cpu"],
+            dir("/sys/fs/cgroup/cpu,cpuacct/kubepods/pod1/ctr")
+        );
+        assert_eq!(paths["cpuacct"], paths["cpu"]);
+        assert_eq!(paths["pids"], dir("/sys/fs/cgroup/pids/kubepods/pod1/ctr"));
+        assert_eq!(
+            paths["name=systemd"],
+            dir("/sys/fs/cgroup/systemd/kubepods/pod1/ctr")
+        );
+        assert_eq!(paths["net_cls"], dir("/sys/fs/cgroup/net_cls"));
+        assert_eq!(paths.len(), 6);
+    }
+
+    #[test]
+    fn pure_v2_host_resolves_to_v2_even_with_a_stray_v1_mount() {
+        let proc_text = "1:net_cls:/\n0::/kubepods.slice/cri-containerd-abc.scope\n";
+        let mountinfo = "\
+35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+50 35 0:50 / /run/net_cls rw,relatime - cgroup net_cls rw,net_cls
+";
+        assert_eq!(
+            resolve(7, proc_text, mountinfo).unwrap(),
+            Cgroup::V2 {
+                path: "/sys/fs/cgroup/kubepods.slice/cri-containerd-abc.scope".into()
+            }
+        );
+    }
+
+    #[test]
+    fn mount_roots_are_stripped_and_the_covering_mount_wins() {
+        let mountinfo = "\
+60 1 0:30 /kubepods/pod1 /run/my\\040cgroup rw - cgroup2 cgroup2 rw
+61 1 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+";
+        // The bind mount of /kubepods/pod1 shows the path under its root.
+        assert_eq!(
+            resolve(1, "0::/kubepods/pod1/ctr\n", mountinfo).unwrap(),
+            Cgroup::V2 {
+                path: "/run/my cgroup/ctr".into()
+            }
+        );
+        // A path outside that root is only visible through the full mount.
+        assert_eq!(
+            resolve(1, "0::/system.slice/x\n", mountinfo).unwrap(),
+            Cgroup::V2 {
+                path: "/sys/fs/cgroup/system.slice/x".into()
+            }
+        );
+        // Inside a cgroup namespace the path is already relative to a
+        // mount whose root it does not start with.
+        let ns_mountinfo = "70 1 0:30 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            resolve(1, "0::/\n", ns_mountinfo).unwrap(),
+            Cgroup::V2 {
+                path: "/sys/fs/cgroup".into()
+            }
+        );
+    }
+
+    #[test]
+    fn resolve_errors_name_the_pid() {
+        let err = resolve(4242, HYBRID_PROC, "").unwrap_err();
+        assert!(
+            matches!(err, CgroupError::NotFound { pid: 4242, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("4242"), "{err}");
+        let err = resolve(4243, "nonsense", HYBRID_MOUNTINFO).unwrap_err();
+        assert!(err.to_string().contains("/proc/4243/cgroup"), "{err}");
+        let err = resolve(
+            4244,
+            "4:memory:/x\n",
+            HYBRID_MOUNTINFO.replace("rw,memory", "rw,hugetlb").as_str(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CgroupError::NotFound { pid: 4244, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn of_pid_reports_a_missing_process() {
+        // Above any pid_max, so never a live process.
+        let err = Cgroup::of_pid(i32::MAX).unwrap_err();
+        assert!(
+            matches!(err, CgroupError::NoProcess { pid: i32::MAX }),
+            "{err:?}"
+        );
+    }
+
+    // -- parsing stat files -------------------------------------------------
+
+    #[test]
+    fn type_urls_are_the_message_full_names() {
+        assert_eq!(v1::Metrics::descriptor().full_name(), V1_METRICS_TYPE_URL);
+        assert_eq!(v2::Metrics::descriptor().full_name(), V2_METRICS_TYPE_URL);
+    }
+
+    #[test]
+    fn parses_numbers_single_values_and_flat_keyed_files() {
+        assert_eq!(parse_num("12"), Some(12));
+        assert_eq!(parse_num("-1"), Some(0));
+        assert_eq!(parse_num("x"), None);
+        assert_eq!(parse_single(" max\n"), Some(Single::Max));
+        assert_eq!(
+            parse_single("9223372036854771712\n"),
+            Some(Single::Value(9223372036854771712))
+        );
+        assert_eq!(parse_single(""), None);
+        let keyed = parse_flat_keyed("a 1\nb -5\nc x\nd 2 extra\n\ne\n");
+        assert_eq!(keyed.len(), 3);
+        assert_eq!((keyed["a"], keyed["b"], keyed["d"]), (1, 0, 2));
+    }
+
+    #[test]
+    fn parses_blkio_io_stat_and_psi() {
+        let mut names = DeviceNames::default();
+        let entries = parse_blkio(
+            "253:99 Read 10\n253:99 Write 20\n253:99 Total 30\nTotal 30\n",
+            &mut names,
+        );
+        let got: Vec<_> = entries
+            .iter()
+            .map(|e| (e.major, e.minor, e.op.as_str(), e.value))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (253, 99, "Read", 10),
+                (253, 99, "Write", 20),
+                (253, 99, "Total", 30)
+            ]
+        );
+
+        let io = parse_io_stat(
+            "8:0 rbytes=100 wbytes=200 rios=3 wios=4 dbytes=0 dios=0\n259:1 rbytes=1 junk wios=6\n",
+        );
+        let got: Vec<_> = io
+            .iter()
+            .map(|e| (e.major, e.minor, e.rbytes, e.wbytes, e.rios, e.wios))
+            .collect();
+        assert_eq!(got, vec![(8, 0, 100, 200, 3, 4), (259, 1, 1, 0, 0, 6)]);
+
+        let psi = parse_psi(
+            "some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",
+        );
+        assert_eq!(psi.some.avg10, 1.5);
+        assert_eq!(psi.some.avg60, 0.25);
+        assert_eq!(psi.some.total, 12345);
+        assert_eq!(psi.full.total, 7);
+        assert!(parse_psi("some avg10=0.00 total=3\n").full.is_none());
+    }
+
+    #[test]
+    fn v2_stats_from_a_laid_out_cgroup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write(dir, "pids.current", "3\n");
+        write(dir, "pids.max", "max\n");
+        write(
+            dir,
+            "cpu.stat",
+            "usage_usec 1000\nuser_usec 600\nsystem_usec 400\nnr_periods 10\nnr_throttled 2\nthrottled_usec 300\nnr_bursts 1\nburst_usec 50\n",
+        );
+        write(dir, "cpu.pressure", "some avg10=0.10 avg60=0.00 avg300=0.00 total=99\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=9\n");
+        write(dir, "memory.current", "4096\n");
+        write(dir, "memory.max", "max\n");
+        write(dir, "memory.swap.current", "0\n");
+        write(dir, "memory.swap.max", "1048576\n");
+        write(dir, "memory.peak", "8192\n");
+        write(
+            dir,
+            "memory.stat",
+            "anon 1\nfile 2\nkernel_stack 3\nslab 4\nsock 5\nshmem 6\nfile_mapped 7\nfile_dirty 8\nfile_writeback 9\n\
+             anon_thp 10\ninactive_anon 11\nactive_anon 12\ninactive_file 13\nactive_file 14\nunevictable 15\n\
+             slab_reclaimable 16\nslab_unreclaimable 17\npgfault 18\npgmajfault 19\n\
+             workingset_refault_anon 5\nworkingset_refault_file 15\nworkingset_activate 21\n\
+             a_future_field one two\n",
+        );
+        write(
+            dir,
+            "memory.events",
+            "low 1\nhigh 2\nmax 3\noom 4\noom_kill 5\noom_group_kill 6\n",
+        );
+        write(
+            dir,
+            "io.stat",
+            "8:0 rbytes=100 wbytes=200 rios=3 wios=4 dbytes=0 dios=0\n",
+        );
+
+        let any = Cgroup::V2 {
+            path: dir.to_path_buf(),
+        }
+        .stats()
+        .unwrap();
+        assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
+        let m = v2::Metrics::parse_from_bytes(&any.value).unwrap();
+
+        assert_eq!((m.pids.current, m.pids.limit), (3, u64::MAX));
+        let cpu = &m.cpu;
+        assert_eq!(
+            (
+                cpu.usage_usec,
+                cpu.user_usec,
+                cpu.system_usec,
+                cpu.nr_periods,
+                cpu.nr_throttled,
+                cpu.throttled_usec
+            ),
+            (1000, 600, 400, 10, 2, 300)
+        );
+        assert_eq!((cpu.nr_bursts, cpu.burst_usec), (1, 50));
+        assert_eq!((cpu.psi.some.total, cpu.psi.full.total), (99, 9));
+        let mem = &m.memory;
+        assert_eq!(
+            (mem.usage, mem.usage_limit, mem.max_usage),
+            (4096, u64::MAX, 8192)
+        );
+        assert_eq!(
+            (mem.swap_usage, mem.swap_limit, mem.swap_max_usage),
+            (0, 1048576, 0)
+        );
+        assert_eq!(
+            [
+                mem.anon,
+                mem.file,
+                mem.kernel_stack,
+                mem.slab,
+                mem.sock,
+                mem.shmem,
+                mem.file_mapped,
+                mem.file_dirty,
+                mem.file_writeback,
+                mem.anon_thp,
+                mem.inactive_anon,
+                mem.active_anon,
+                mem.inactive_file,
+                mem.active_file,
+                mem.unevictable,
+                mem.slab_reclaimable,
+                mem.slab_unreclaimable,
+                mem.pgfault,
+                mem.pgmajfault,
+                mem.workingset_refault,
+                mem.workingset_activate,
+            ],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+        );
+        assert!(mem.psi.is_none(), "no memory.pressure file laid out");
+        let ev = &m.memory_events;
+        assert_eq!(
+            [
+                ev.low,
+                ev.high,
+                ev.max,
+                ev.oom,
+                ev.oom_kill,
+                ev.oom_group_kill
+            ],
+            [1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(m.io.usage.len(), 1);
+        assert_eq!(
+            (
+                m.io.usage[0].major,
+                m.io.usage[0].rbytes,
+                m.io.usage[0].wios
+            ),
+            (8, 100, 4)
+        );
+    }
+
+    #[test]
+    fn v2_missing_files_read_as_zero_but_a_missing_cgroup_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cgroup = Cgroup::V2 {
+            path: tmp.path().to_path_buf(),
+        };
+        let m = v2::Metrics::parse_from_bytes(&cgroup.stats().unwrap().value).unwrap();
+        assert_eq!(
+            (
+                m.pids.current,
+                m.pids.limit,
+                m.memory.usage,
+                m.cpu.usage_usec
+            ),
+            (0, 0, 0, 0)
+        );
+        assert!(m.io.usage.is_empty());
+
+        write(tmp.path(), "memory.current", "lots\n");
+        let err = cgroup.stats().unwrap_err();
+        assert!(matches!(err, CgroupError::Parse { .. }), "{err:?}");
+        assert!(err.to_string().contains("memory.current"), "{err}");
+
+        let gone_path = tmp.path().join("gone");
+        let err = Cgroup::V2 {
+            path: gone_path.clone(),
+        }
+        .stats()
+        .unwrap_err();
+        assert!(
+            matches!(&err, CgroupError::Gone { path } if *path == gone_path),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("gone"), "{err}");
+    }
+
+    #[test]
+    fn v1_stats_from_a_laid_out_cgroup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sub = |c: &str| {
+            let d = tmp.path().join(c);
+            fs::create_dir(&d).unwrap();
+            d
+        };
+        let (memory, cpu, cpuacct, pids, blkio) = (
+            sub("memory"),
+            sub("cpu"),
+            sub("cpuacct"),
+            sub("pids"),
+            sub("blkio"),
+        );
+        write(&pids, "pids.current", "4\n");
+        write(&pids, "pids.max", "max\n");
+        write(&cpuacct, "cpuacct.usage", "123456789\n");
+        write(&cpuacct, "cpuacct.usage_percpu", "100 200 \n");
+        // No usage_user/usage_sys: an old kernel, counting ticks.
+        write(&cpuacct, "cpuacct.stat", "user 5\nsystem 3\n");
+        write(
+            &cpu,
+            "cpu.stat",
+            "nr_periods 7\nnr_throttled 2\nthrottled_time 9000\n",
+        );
+        write(&memory, "memory.usage_in_bytes", "1000\n");
+        write(&memory, "memory.max_usage_in_bytes", "2000\n");
+        write(&memory, "memory.limit_in_bytes", "8388608\n");
+        write(&memory, "memory.failcnt", "3\n");
+        write(&memory, "memory.memsw.usage_in_bytes", "1100\n");
+        write(
+            &memory,
+            "memory.memsw.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+        write(&memory, "memory.kmem.usage_in_bytes", "50\n");
+        write(&memory, "memory.kmem.tcp.usage_in_bytes", "5\n");
+        write(
+            &memory,
+            "memory.stat",
+            "cache 1\nrss 2\nrss_huge 3\nmapped_file 4\ndirty 5\nwriteback 6\npgpgin 7\npgpgout 8\npgfault 9\n\
+             pgmajfault 10\ninactive_anon 11\nactive_anon 12\ninactive_file 13\nactive_file 14\nunevictable 15\n\
+             hierarchical_memory_limit 8388608\nhierarchical_memsw_limit 16777216\ntotal_cache 18\ntotal_rss 19\n\
+             total_rss_huge 20\ntotal_mapped_file 21\ntotal_dirty 22\ntotal_writeback 23\ntotal_pgpgin 24\n\
+             total_pgpgout 25\ntotal_pgfault 26\ntotal_pgmajfault 27\ntotal_inactive_anon 28\n\
+             total_active_anon 29\ntotal_inactive_file 30\ntotal_active_file 31\ntotal_unevictable 32\n",
+        );
+        write(
+            &memory,
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 1\noom_kill 2\n",
+        );
+        write(
+            &blkio,
+            "blkio.throttle.io_service_bytes_recursive",
+            "253:99 Read 4096\n253:99 Write 0\nTotal 4096\n",
+        );
+        write(
+            &blkio,
+            "blkio.throttle.io_serviced_recursive",
+            "253:99 Read 1\nTotal 1\n",
+        );
+
+        let paths = HashMap::from([
+            ("memory".to_string(), memory),
+            ("cpu".to_string(), cpu),
+            ("cpuacct".to_string(), cpuacct),
+            ("pids".to_string(), pids),
+            ("blkio".to_string(), blkio),
+        ]);
+        let any = Cgroup::V1 { paths }.stats().unwrap();
+        assert_eq!(any.type_url, "io.containerd.cgroups.v1.Metrics");
+        let m = v1::Metrics::parse_from_bytes(&any.value).unwrap();
+
+        assert_eq!((m.pids.current, m.pids.limit), (4, 0));
+        let tick = 1_000_000_000 / clock_ticks_per_second();
+        let usage = &m.cpu.usage;
+        assert_eq!(
+            (usage.total, usage.user, usage.kernel),
+            (123456789, 5 * tick, 3 * tick)
+        );
+        assert_eq!(usage.per_cpu, vec![100, 200]);
+        let throttle = &m.cpu.throttling;
+        assert_eq!(
+            (
+                throttle.periods,
+                throttle.throttled_periods,
+                throttle.throttled_time
+            ),
+            (7, 2, 9000)
+        );
+        let mem = &m.memory;
+        assert_eq!(
+            (
+                mem.usage.usage,
+                mem.usage.max,
+                mem.usage.limit,
+                mem.usage.failcnt
+            ),
+            (1000, 2000, 8388608, 3)
+        );
+        assert_eq!(
+            (mem.swap.usage, mem.swap.limit),
+            (1100, 9223372036854771712)
+        );
+        assert_eq!((mem.kernel.usage, mem.kernel_tcp.usage), (50, 5));
+        assert_eq!(
+            [
+                mem.cache,
+                mem.rss,
+                mem.rss_huge,
+                mem.mapped_file,
+                mem.dirty,
+                mem.writeback,
+                mem.pg_pg_in,
+                mem.pg_pg_out,
+                mem.pg_fault,
+                mem.pg_maj_fault,
+                mem.inactive_anon,
+                mem.active_anon,
+                mem.inactive_file,
+                mem.active_file,
+                mem.unevictable,
+            ],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+        );
+        assert_eq!(
+            (mem.hierarchical_memory_limit, mem.hierarchical_swap_limit),
+            (8388608, 16777216)
+        );
+        assert_eq!(
+            [
+                mem.total_cache,
+                mem.total_rss,
+                mem.total_rss_huge,
+                mem.total_mapped_file,
+                mem.total_dirty,
+                mem.total_writeback,
+                mem.total_pg_pg_in,
+                mem.total_pg_pg_out,
+                mem.total_pg_fault,
+                mem.total_pg_maj_fault,
+                mem.total_inactive_anon,
+                mem.total_active_anon,
+                mem.total_inactive_file,
+                mem.total_active_file,
+                mem.total_unevictable,
+            ],
+            [18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32]
+        );
+        let oom = &m.memory_oom_control;
+        assert_eq!(
+            (oom.oom_kill_disable, oom.under_oom, oom.oom_kill),
+            (0, 1, 2)
+        );
+        let bytes: Vec<_> = m
+            .blkio
+            .io_service_bytes_recursive
+            .iter()
+            .map(|e| (e.major, e.minor, e.op.as_str(), e.value))
+            .collect();
+        assert_eq!(bytes, vec![(253, 99, "Read", 4096), (253, 99, "Write", 0)]);
+        assert_eq!(m.blkio.io_serviced_recursive.len(), 1);
+    }
+
+    // -- OOM watch over files laid out in a tempdir (the v2 logic) ----------
+
+    fn counter() -> (Arc<AtomicUsize>, impl Fn() + Send + 'static) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let inner = Arc::clone(&count);
+        (count, move || {
+            inner.fetch_add(1, SeqCst);
+        })
+    }
+
+    #[test]
+    fn v2_watch_fires_when_oom_kill_grows_and_ends_when_the_cgroup_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(unique("v2"));
+        fs::create_dir(&dir).unwrap();
+        // Kills from before the watch are not reported.
+        write(
+            &dir,
+            "memory.events",
+            "low 0\nhigh 0\nmax 0\noom 1\noom_kill 2\n",
+        );
+        let (count, on_oom) = counter();
+        let watch = watch_oom(&Cgroup::V2 { path: dir.clone() }, on_oom).unwrap();
+
+        write(
+            &dir,
+            "memory.events",
+            "low 0\nhigh 5\nmax 1\noom 1\noom_kill 2\n",
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(count.load(SeqCst), 0, "high/max events are no OOM kill");
+
+        write(
+            &dir,
+            "memory.events",
+            "low 0\nhigh 5\nmax 1\noom 2\noom_kill 3\n",
+        );
+        assert!(wait_until(Duration::from_secs(5), || count.load(SeqCst) == 1));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(count.load(SeqCst), 1, "one kill, one call");
+        assert!(!watch.is_finished());
+
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(3), || watch.is_finished()),
+            "watch thread still running after its cgroup was removed"
+        );
+        assert_eq!(count.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn v2_watch_stop_joins_the_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "memory.events", "oom_kill 0\n");
+        let token = Arc::new(());
+        let held = Arc::clone(&token);
+        let watch = watch_oom(
+            &Cgroup::V2 {
+                path: tmp.path().to_path_buf(),
+            },
+            move || {
+                let _ = &held;
+            },
+        )
+        .unwrap();
+        assert_eq!(Arc::strong_count(&token), 2);
+        watch.stop();
+        // Joined: the closure, and what it holds, is gone already.
+        assert_eq!(Arc::strong_count(&token), 1);
+    }
+
+    #[test]
+    fn watch_errors_without_memory_controller_or_cgroup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = watch_oom(
+            &Cgroup::V2 {
+                path: tmp.path().to_path_buf(),
+            },
+            || {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CgroupError::NoMemoryController { .. }),
+            "{err:?}"
+        );
+        let err = watch_oom(
+            &Cgroup::V2 {
+                path: tmp.path().join("nope"),
+            },
+            || {},
+        )
+        .unwrap_err();
+        assert!(matches!(err, CgroupError::Gone { .. }), "{err:?}");
+        let paths = HashMap::from([("pids".to_string(), tmp.path().to_path_buf())]);
+        let err = watch_oom(&Cgroup::V1 { paths }, || {}).unwrap_err();
+        assert!(
+            matches!(err, CgroupError::NoMemoryController { .. }),
+            "{err:?}"
+        );
+    }
+
+    // -- real cgroups on this host -------------------------------------------
+
+    /// A child shell, killed and reaped on drop.
+    struct Proc {
+        child: Child,
+        stdin: ChildStdin,
+        stdout: BufReader<ChildStdout>,
+    }
+
+    impl Proc {
+        /// Runs `script` after it reads a "go" line, so the test can move it
+        /// into a cgroup first.
+        fn sh(script: &str) -> Self {
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(format!("read go; {script}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdin = child.stdin.take().unwrap();
+            let stdout = BufReader::new(child.stdout.take().unwrap());
+            Proc {
+                child,
+                stdin,
+                stdout,
+            }
+        }
+        fn pid(&self) -> u32 {
+            self.child.id()
+        }
+        fn go(&mut self) {
+            self.stdin.write_all(b"go\n").unwrap();
+        }
+        fn line(&mut self) -> String {
+            let mut line = String::new();
+            self.stdout.read_line(&mut line).unwrap();
+            line.trim().to_string()
+        }
+        fn wait(&mut self) -> ExitStatus {
+            self.child.wait().unwrap()
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// v1 cgroups made by a test below this process's own cgroup in each
+    /// hierarchy; on drop their processes are killed and they are removed.
+    struct TestCgroup {
+        dirs: HashMap<String, PathBuf>,
+    }
+
+    impl TestCgroup {
+        /// None (the test skips) where this host has no v1 hierarchy for one
+        /// of `controllers`.
+        fn new(controllers: &[&str]) -> Option<Self> {
+            let own = Cgroup::of_pid(std::process::id() as i32).unwrap();
+            let Cgroup::V1 { paths } = own else {
+                eprintln!("skipping: this host has no cgroup v1 hierarchies");
+                return None;
+            };
+            let name = unique("v1");
+            let mut cg = TestCgroup {
+                dirs: HashMap::new(),
+            };
+            for controller in controllers {
+                let Some(base) = paths.get(*controller) else {
+                    eprintln!("skipping: no v1 {controller} hierarchy");
+                    return None;
+                };
+                let dir = base.join(&name);
+                fs::create_dir(&dir).unwrap();
+                cg.dirs.insert(controller.to_string(), dir);
+            }
+            Some(cg)
+        }
+        fn dir(&self, controller: &str) -> &Path {
+            &self.dirs[controller]
+        }
+        fn set(&self, controller: &str, file: &str, value: &str) {
+            write(self.dir(controller), file, value);
+        }
+        fn add(&self, pid: u32) {
+            for dir in self.dirs.values() {
+                write(dir, "cgroup.procs", &pid.to_string());
+            }
+        }
+        fn cgroup(&self) -> Cgroup {
+            Cgroup::V1 {
+                paths: self.dirs.clone(),
+            }
+        }
+        fn remove(&mut self) {
+            for (_, dir) in self.dirs.drain() {
+                let removed = wait_until(Duration::from_secs(5), || {
+                    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok())
+                    {
+                        // SAFETY: kill takes no pointers; these pids are the
+                        // test's own processes, in the test's own cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    fs::remove_dir(&dir).is_ok() || !dir.exists()
+                });
+                if !removed {
+                    eprintln!("could not remove test cgroup {}", dir.display());
+                }
+            }
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            self.remove();
+        }
+    }
+
+    fn v1_metrics_of(cgroup: &Cgroup) -> v1::Metrics {
+        let any = cgroup.stats().unwrap();
+        assert_eq!(any.type_url, V1_METRICS_TYPE_URL);
+        v1::Metrics::parse_from_bytes(&any.value).unwrap()
+    }
+
+    #[test]
+    fn v1_of_pid_and_stats_for_real() {
+        let Some(mut cg) = TestCgroup::new(&["memory", "cpu", "cpuacct", "pids"]) else {
+            return;
+        };
+        const LIMIT: u64 = 256 << 20;
+        cg.set("memory", "memory.limit_in_bytes", &LIMIT.to_string());
+        cg.set("pids", "pids.max", "100");
+        // The shell keeps 2 MiB of anonymous memory charged to the cgroup
+        // (charges made before moving in stay behind), and tr burns some CPU.
+        let mut proc = Proc::sh("x=$(head -c 2M /dev/zero | tr '\\0' a); echo ready; read wait");
+        cg.add(proc.pid());
+        proc.go();
+        assert_eq!(proc.line(), "ready");
+
+        let found = Cgroup::of_pid(proc.pid() as i32).unwrap();
+        let Cgroup::V1 { paths } = &found else {
+            panic!("expected v1, got {found:?}");
+        };
+        for controller in ["memory", "cpu", "cpuacct", "pids"] {
+            assert_eq!(paths[controller], cg.dir(controller), "{controller}");
+        }
+
+        let m = v1_metrics_of(&found);
+        let mem = &m.memory;
+        assert_eq!(mem.usage.limit, LIMIT);
+        assert_eq!(mem.hierarchical_memory_limit, LIMIT);
+        assert!(mem.usage.usage >= 1 << 20, "usage {}", mem.usage.usage);
+        assert!(mem.total_rss + mem.total_cache > 0);
+        assert!(m.pids.current >= 1);
+        assert_eq!(m.pids.limit, 100);
+        assert!(m.cpu.usage.total > 0);
+        assert!(!m.cpu.usage.per_cpu.is_empty());
+        assert!(m.cpu.usage.user + m.cpu.usage.kernel > 0);
+        assert!(m.cpu.throttling.is_some());
+        assert_eq!(m.memory_oom_control.oom_kill, 0);
+
+        drop(proc);
+        cg.remove();
+        let err = found.stats().unwrap_err();
+        assert!(matches!(err, CgroupError::Gone { .. }), "{err:?}");
+    }
+
+    fn limit_memory(cg: &TestCgroup, bytes: u64) {
+        cg.set("memory", "memory.limit_in_bytes", &bytes.to_string());
+        // Without a memsw limit the cgroup could swap instead of OOMing.
+        if cg
+            .dir("memory")
+            .join("memory.memsw.limit_in_bytes")
+            .exists()
+        {
+            cg.set("memory", "memory.memsw.limit_in_bytes", &bytes.to_string());
+        }
+    }
+
+    #[test]
+    fn v1_watch_fires_on_an_oom_kill() {
+        let Some(cg) = TestCgroup::new(&["memory"]) else {
+            return;
+        };
+        limit_memory(&cg, 8 << 20);
+        let (count, on_oom) = counter();
+        let watch = watch_oom(&cg.cgroup(), on_oom).unwrap();
+        let mut proc = Proc::sh("x=$(head -c 64M /dev/zero | tr '\\0' a); echo survived");
+        cg.add(proc.pid());
+        proc.go();
+        assert!(
+            wait_until(Duration::from_secs(20), || count.load(SeqCst) >= 1),
+            "no OOM notification"
+        );
+        proc.wait();
+        assert!(v1_metrics_of(&cg.cgroup()).memory_oom_control.oom_kill >= 1);
+        assert!(!watch.is_finished());
+    }
+
+    #[test]
+    fn v1_watch_stays_silent_under_the_limit_and_ends_with_the_cgroup() {
+        let Some(mut cg) = TestCgroup::new(&["memory"]) else {
+            return;
+        };
+        limit_memory(&cg, 64 << 20);
+        let (count, on_oom) = counter();
+        let watch = watch_oom(&cg.cgroup(), on_oom).unwrap();
+        let mut proc = Proc::sh("x=$(head -c 1M /dev/zero | tr '\\0' a); echo done");
+        cg.add(proc.pid());
+        proc.go();
+        assert_eq!(proc.line(), "done");
+        assert!(proc.wait().success());
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(count.load(SeqCst), 0);
+        assert!(!watch.is_finished());
+
+        cg.remove();
+        assert!(
+            wait_until(Duration::from_secs(5), || watch.is_finished()),
+            "watch thread still running after its cgroup was removed"
+        );
+        assert_eq!(count.load(SeqCst), 0, "removal reported as an OOM");
+    }
+
+    #[test]
+    fn v1_dropping_the_watch_ends_its_thread() {
+        let Some(cg) = TestCgroup::new(&["memory"]) else {
+            return;
+        };
+        let token = Arc::new(());
+        let held = Arc::clone(&token);
+        let watch = watch_oom(&cg.cgroup(), move || {
+            let _ = &held;
+        })
+        .unwrap();
+        assert_eq!(Arc::strong_count(&token), 2);
+        drop(watch);
+        assert!(
+            wait_until(Duration::from_secs(2), || Arc::strong_count(&token) == 1),
+            "watch thread still holds its callback after the guard was dropped"
+        );
+    }
+
+    /// Removes a directory on drop, so a failing test leaves no cgroup.
+    struct RmdirOnDrop(PathBuf);
+
+    impl Drop for RmdirOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+
+    #[test]
+    fn v2_watch_notices_a_real_cgroup2_removal() {
+        // The removal path runs on kernfs for real, on whatever cgroup2
+        // mount this host has (the hybrid one has no memory controller, so
+        // the watch follows cgroup.events, which every cgroup2 dir has).
+        let proc_text = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let lines = parse_proc_cgroup(&proc_text).unwrap();
+        let mounts = parse_mountinfo(&mountinfo);
+        let unified = lines
+            .iter()
+            .find(|l| l.hierarchy == 0 && l.controllers.is_empty());
+        let mount = mounts.iter().find(|m| m.fs == CgroupFs::V2);
+        let (Some(unified), Some(mount)) = (unified, mount) else {
+            eprintln!("skipping: no cgroup2 mount");
+            return;
+        };
+        let dir = cgroup_dir(mount, &unified.path).join(unique("v2"));
+        fs::create_dir(&dir).unwrap();
+        let guard = RmdirOnDrop(dir.clone());
+        let (count, on_oom) = counter();
+        let watch = watch_v2(&dir, "cgroup.events", on_oom).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!watch.is_finished());
+        fs::remove_dir(&dir).unwrap();
+        // Well within EXISTENCE_CHECK_INTERVAL: the inotify path saw it.
+        assert!(
+            wait_until(Duration::from_secs(3), || watch.is_finished()),
+            "watch thread still running after its cgroup2 dir was removed"
+        );
+        assert_eq!(count.load(SeqCst), 0);
+        drop(guard);
     }
 }

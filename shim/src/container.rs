@@ -10,6 +10,7 @@ use corral_proto::containerd::api::Status;
 
 use crate::{
     cgroup::OomWatch,
+    reaper::Exit,
     runc::Runc,
     stdio::{ProcessIo, StdioUris},
 };
@@ -33,6 +34,10 @@ pub struct Process {
     pub io: Option<ProcessIo>,
     /// The OCI process of an exec, as JSON, until it starts.
     pub spec: Vec<u8>,
+    /// Start is in flight: its event is not out yet.
+    pub starting: bool,
+    /// An exit that came while `starting`, recorded once Start's event is out.
+    pub parked_exit: Option<Exit>,
 }
 
 impl Process {
@@ -45,6 +50,8 @@ impl Process {
             uris,
             io: None,
             spec: Vec::new(),
+            starting: false,
+            parked_exit: None,
         }
     }
 

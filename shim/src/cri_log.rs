@@ -35,8 +35,8 @@ pub const MAX_LINE_SIZE: usize = 16 * 1024;
 /// couple of reads, small enough to live per copier thread without concern.
 const READ_BUFFER_SIZE: usize = 32 * 1024;
 
-/// kubelet's own log files are 0640; group read lets log shippers running
-/// under the log group read them without root.
+/// What containerd creates CRI logs with: group read for node log shippers,
+/// nothing for others, since container output may carry secrets.
 const LOG_FILE_MODE: u32 = 0o640;
 
 /// `2006-01-02T15:04:05.999999999Z` is 30 bytes and ` stdout P ` 10; the
@@ -105,9 +105,9 @@ pub struct CriLogFile {
 struct Sink {
     file: File,
     /// The last write failed after writing part of a record, so the file does
-    /// not end with a newline. The next record starts with one: the torn line
-    /// is lost to kubelet's parser (which skips what it cannot parse) but the
-    /// good record after it is not glued onto it.
+    /// not end with a newline. The next record starts with one, so it is not
+    /// glued onto the torn line: kubelet's reader logs and skips a line it
+    /// cannot parse, or shows a cut one truncated, and goes on.
     torn: bool,
 }
 
@@ -153,8 +153,11 @@ impl CriLogFile {
     /// Writes one record (the caller has already split the line).
     fn write_record(&self, stream: Stream, partial: bool, text: &[u8]) -> io::Result<()> {
         let mut header = [0u8; HEADER_CAPACITY];
-        let header_len = format_header(&mut header, OffsetDateTime::now_utc(), stream, partial)?;
         let mut sink = self.lock();
+        // Stamped under the lock so timestamps never go backwards in file
+        // order (short of a wall-clock step); it costs a vDSO clock read and
+        // about a hundred nanoseconds of formatting.
+        let header_len = format_header(&mut header, OffsetDateTime::now_utc(), stream, partial)?;
         let Sink { file, torn } = &mut *sink;
         write_record_to(file, torn, &header[..header_len], text)
     }
@@ -264,7 +267,6 @@ fn copy_lines_tracked(
     let mut splitter = LineSplitter::new();
     let mut emit = |partial: bool, text: &[u8]| {
         let result = log.write_record(stream, partial, text);
-        if result.is_err() { std::thread::sleep(std::time::Duration::from_secs(3600)); }
         drops.record(log.path(), stream, result);
     };
     loop {
@@ -418,9 +420,11 @@ impl DropTracker {
     fn finish(&mut self, path: &Path, stream: Stream) {
         if self.in_streak > 0 {
             info!(
-                "CRI log {}: {stream} ended with writes still failing, {} records dropped",
+                "CRI log {}: {stream} ended with writes still failing, {} records dropped \
+                 ({} over the whole copy)",
                 path.display(),
-                self.in_streak
+                self.in_streak,
+                self.total
             );
             self.in_streak = 0;
         }
@@ -845,6 +849,14 @@ mod tests {
             let body_start = r.text.iter().rposition(|&b| b == b'-').map_or(0, |p| p + 1);
             assert!(r.text[body_start..].iter().all(|&b| b == own));
         }
+        let stamps: Vec<i128> = records
+            .iter()
+            .map(|r| parse_timestamp(&r.timestamp))
+            .collect();
+        assert!(
+            stamps.windows(2).all(|w| w[0] <= w[1]),
+            "timestamps go backwards in file order"
+        );
         assert_eq!(join_lines(&records, "stdout"), want_out);
         assert_eq!(join_lines(&records, "stderr"), want_err);
         let stdout_interrupted = records
@@ -1066,8 +1078,18 @@ mod tests {
                 writeln!(writer, "line {i:06} {}", "x".repeat(90)).unwrap();
             }
         });
-        let mut drops = DropTracker::default();
-        copy_lines_tracked(reader, Stream::Stdout, &log, &mut drops).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut drops = DropTracker::default();
+            let result = copy_lines_tracked(reader, Stream::Stdout, &log, &mut drops);
+            let _ = done_tx.send((result, drops));
+        });
+        // A copier that stopped reading would block the producer forever;
+        // fail instead of hanging the test run.
+        let (result, drops) = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("copy_lines did not drain its input");
+        result.unwrap();
         producer.join().unwrap();
         assert_eq!(drops.total, LINES as u64);
         assert_eq!(drops.streaks, 1, "one warning for one streak");
@@ -1186,6 +1208,24 @@ mod tests {
             .next_back()
             .unwrap();
         assert_eq!(parse_line(last).text, b"whole");
+    }
+
+    #[test]
+    fn reopen_starts_the_new_file_without_closing_an_old_torn_line() {
+        let (dir, path, log) = setup();
+        {
+            let mut sink = log.lock();
+            sink.file
+                .write_all(b"2026-11-29T00:31:02Z stdout F cut")
+                .unwrap();
+            sink.torn = true;
+        }
+        fs::rename(&path, dir.path().join("rotated")).unwrap();
+        log.reopen().unwrap();
+        copy_lines(&b"fresh\n"[..], Stream::Stdout, &log).unwrap();
+        let data = fs::read(&path).unwrap();
+        assert_ne!(data[0], b'\n', "new file starts with a stray newline");
+        assert_eq!(texts(&read_records(&path)), [&b"fresh"[..]]);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use crate::{
 
 pub fn run(flags: &Flags) -> Result<()> {
     if flags.id.is_empty() || flags.namespace.is_empty() {
-        return Err(Error::InvalidArgument("delete needs -namespace and -id".into()));
+        return Err(Error::InvalidArgument(
+            "delete needs -namespace and -id".into(),
+        ));
     }
     let bundle = if flags.bundle.is_empty() {
         std::env::current_dir().map_err(|e| Error::io("current directory", e))?

@@ -65,9 +65,7 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::Runc(RuncError::BinaryNotFound { .. }) => Code::FAILED_PRECONDITION,
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
-                Code::NOT_FOUND
-            }
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NOT_FOUND,
             Error::Runc(_) | Error::Io { .. } | Error::Internal(_) => Code::INTERNAL,
         }
     }

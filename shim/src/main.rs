@@ -49,7 +49,9 @@ fn main() {
             "start" => bootstrap::start(&flags),
             "delete" => delete::run(&flags),
             "" => serve::run(&flags),
-            other => Err(error::Error::InvalidArgument(format!("unknown action {other:?}"))),
+            other => Err(error::Error::InvalidArgument(format!(
+                "unknown action {other:?}"
+            ))),
         }
     };
     if let Err(e) = result {
@@ -71,10 +73,12 @@ fn binary_name() -> &'static str {
 fn print_info() -> error::Result<()> {
     let info = corral_proto::containerd::types::introspection::RuntimeInfo {
         name: corral_proto::SHIM_RUNTIME_NAME.to_string(),
-        version: Some(corral_proto::containerd::types::introspection::RuntimeVersion {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            ..Default::default()
-        })
+        version: Some(
+            corral_proto::containerd::types::introspection::RuntimeVersion {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                ..Default::default()
+            },
+        )
         .into(),
         ..Default::default()
     };

@@ -123,7 +123,9 @@ fn send_loop(address: &str, queue: &Queue) {
                 }
             }
         }
-        let Some(events_client) = client.as_ref() else { continue };
+        let Some(events_client) = client.as_ref() else {
+            continue;
+        };
         let req = ForwardRequest {
             envelope: Some(envelope).into(),
             ..Default::default()

@@ -164,9 +164,20 @@ impl Runc {
     }
 
     /// Applies OCI `LinuxResources`, given as JSON.
-    pub fn update(&self, reaper: &Reaper, id: &str, resources_json: &[u8]) -> Result<(), RuncError> {
-        self.simple(reaper, "update", id, &["--resources", "-"], Some(resources_json))
-            .map(drop)
+    pub fn update(
+        &self,
+        reaper: &Reaper,
+        id: &str,
+        resources_json: &[u8],
+    ) -> Result<(), RuncError> {
+        self.simple(
+            reaper,
+            "update",
+            id,
+            &["--resources", "-"],
+            Some(resources_json),
+        )
+        .map(drop)
     }
 
     /// The pids of every process in the container's cgroup.
@@ -209,10 +220,12 @@ impl Runc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let out = reaper.run(&mut cmd, stdin).map_err(|source| RuncError::Spawn {
-            binary: self.binary.display().to_string(),
-            source,
-        })?;
+        let out = reaper
+            .run(&mut cmd, stdin)
+            .map_err(|source| RuncError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
         if out.status != 0 {
             return Err(self.failed(command, id, &out.stderr, out.status));
         }
@@ -230,10 +243,12 @@ impl Runc {
         cmd.stdin(launch.stdio.stdin)
             .stdout(launch.stdio.stdout)
             .stderr(launch.stdio.stderr);
-        let out = reaper.run(&mut cmd, None).map_err(|source| RuncError::Spawn {
-            binary: self.binary.display().to_string(),
-            source,
-        })?;
+        let out = reaper
+            .run(&mut cmd, None)
+            .map_err(|source| RuncError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
         // Dropping `cmd` closes the shim's copies of the process's pipe ends,
         // so the output copiers see EOF when the process exits.
         drop(cmd);
@@ -290,7 +305,8 @@ fn resolve_binary(name: &str) -> Option<PathBuf> {
         let path = PathBuf::from(name);
         return executable(&path).then_some(path);
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| executable(candidate))
@@ -323,7 +339,10 @@ mod tests {
             ),
         )
         .expect("write log");
-        assert_eq!(last_error(&log), "exec: \"nope\": executable file not found");
+        assert_eq!(
+            last_error(&log),
+            "exec: \"nope\": executable file not found"
+        );
         assert_eq!(last_error(&dir.path().join("missing")), "");
     }
 }

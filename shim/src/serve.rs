@@ -4,14 +4,16 @@
 //! API and corral's Log service on one ttrpc socket until Shutdown.
 
 use std::{
-    os::fd::IntoRawFd,
+    os::fd::{AsRawFd, IntoRawFd},
     os::unix::net::UnixListener,
     path::Path,
     sync::Arc,
 };
 
 use containerd_shim::{logger::FifoLogger, ExitSignal, Flags};
-use corral_proto::{containerd::shim_sync::create_task, shim::log_ttrpc::create_log, ttrpc::Server};
+use corral_proto::{
+    containerd::shim_sync::create_task, shim::log_ttrpc::create_log, ttrpc::Server,
+};
 
 use crate::{
     error::{Error, Result},
@@ -19,6 +21,8 @@ use crate::{
     reaper::{self, Reaper},
     service::Service,
 };
+
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub fn run(flags: &Flags) -> Result<()> {
     if flags.socket.is_empty() {
@@ -42,7 +46,12 @@ pub fn run(flags: &Flags) -> Result<()> {
     let publisher = Publisher::start(&ttrpc_address, &flags.namespace)
         .map_err(|e| Error::io("start the event publisher", e))?;
     let exit_signal = Arc::new(ExitSignal::default());
-    let service = Service::new(&flags.namespace, reaper, publisher, Arc::clone(&exit_signal));
+    let service = Service::new(
+        &flags.namespace,
+        reaper,
+        publisher,
+        Arc::clone(&exit_signal),
+    );
 
     // One idle handler thread per connection, more only under load: a pod's
     // shim sees a handful of RPCs a minute.
@@ -57,11 +66,23 @@ pub fn run(flags: &Flags) -> Result<()> {
         .start()
         .map_err(|e| Error::Internal(format!("start ttrpc server: {e}")))?;
     signal_ready();
-    log::info!("serving {} for {}/{}", flags.socket, flags.namespace, flags.id);
+    log::info!(
+        "serving {} for {}/{}",
+        flags.socket,
+        flags.namespace,
+        flags.id
+    );
 
     exit_signal.wait();
     log::info!("shutting down");
-    server.shutdown();
+    // Let the Shutdown reply go out, but never hang on a connection that
+    // does not close: ttrpc's shutdown waits for every one.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let _ = std::thread::Builder::new().spawn(move || {
+        server.shutdown();
+        let _ = done_tx.send(());
+    });
+    let _ = done_rx.recv_timeout(SHUTDOWN_GRACE);
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(format!("{socket}.lock"));
     std::process::exit(0);
@@ -88,14 +109,15 @@ fn bind(socket: &str) -> Result<Option<UnixListener>> {
     }
 }
 
-/// The shim's own log goes to the bundle's `log` FIFO, which containerd
-/// copies to its own log; without one (a bare run) to stderr. The level is
-/// the daemon's: `-debug`, else RUST_LOG, else info.
+/// The shim's own log goes to the bundle's `log` FIFO, which the daemon
+/// reads and copies to its own log; with no reader there (a bare run, a
+/// daemon that is not up) to stderr. The level is the daemon's: `-debug`,
+/// else RUST_LOG, else info.
 fn init_logging(debug: bool) {
-    let logger = FifoLogger::with_path("log").unwrap_or_else(|_| {
-        let stderr = std::io::stderr().as_fd_file();
-        FifoLogger::with_file(stderr)
-    });
+    let logger = match open_log_fifo() {
+        Some(fifo) => FifoLogger::with_file(fifo),
+        None => FifoLogger::with_file(stderr_file()),
+    };
     let level = if debug {
         log::LevelFilter::Debug
     } else {
@@ -109,21 +131,35 @@ fn init_logging(debug: bool) {
     }
 }
 
-trait AsFdFile {
-    fn as_fd_file(&self) -> std::fs::File;
+/// Opens `log` without waiting for a reader: a blocking open would hang the
+/// shim until one came. Writes then block like any pipe's, keeping order.
+fn open_log_fifo() -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("log")
+        .ok()?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd this function owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Some(file)
 }
 
-impl AsFdFile for std::io::Stderr {
-    fn as_fd_file(&self) -> std::fs::File {
-        use std::os::fd::AsFd;
-        match self.as_fd().try_clone_to_owned() {
-            Ok(fd) => std::fs::File::from(fd),
-            // Without a stderr, log to nowhere rather than fail to serve.
-            Err(_) => match std::fs::OpenOptions::new().write(true).open("/dev/null") {
-                Ok(f) => f,
-                Err(_) => std::process::exit(1),
-            },
-        }
+fn stderr_file() -> std::fs::File {
+    use std::os::fd::AsFd;
+    match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        // Without a stderr, log nowhere rather than fail to serve.
+        Err(_) => match std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            Ok(f) => f,
+            Err(_) => std::process::exit(1),
+        },
     }
 }
 

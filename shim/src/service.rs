@@ -22,9 +22,9 @@ use corral_proto::{
             TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
             TaskPaused, TaskResumed, TaskStart,
         },
+        protobuf::well_known_types::empty::Empty,
         protobuf::{well_known_types::any::Any, Message, MessageField},
         shim::oci::{Options, ProcessDetails},
-        protobuf::well_known_types::empty::Empty,
         topics,
     },
     shim::log::ReopenRequest,
@@ -101,7 +101,11 @@ impl RuntimeOptions {
         } else {
             PathBuf::from(&self.root)
         };
-        Ok(Runc::new(binary, &root.join(namespace), self.systemd_cgroup)?)
+        Ok(Runc::new(
+            binary,
+            &root.join(namespace),
+            self.systemd_cgroup,
+        )?)
     }
 }
 
@@ -171,7 +175,13 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// Ids become paths and runc arguments: refuse what could escape a directory.
 fn check_id(id: &str, what: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 128 || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
+    if id.is_empty()
+        || id.len() > 128
+        || id == "."
+        || id == ".."
+        || id.contains('/')
+        || id.contains('\0')
+    {
         return Err(Error::InvalidArgument(format!("invalid {what} {id:?}")));
     }
     Ok(())
@@ -196,10 +206,12 @@ impl Inner {
 
     // ---- Create --------------------------------------------------------
 
-    fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+    fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
         check_id(&req.id, "container id")?;
         if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented("restore from a checkpoint is not supported".into()));
+            return Err(Error::Unimplemented(
+                "restore from a checkpoint is not supported".into(),
+            ));
         }
         self.reserve(&req.id)?;
         let result = self.create_reserved(req);
@@ -226,7 +238,7 @@ impl Inner {
                     },
                 );
                 state.containers.insert(req.id.clone(), container);
-                self.claim_orphan_exit(&mut state, &req.id, pid);
+                self.claim_orphan_exit(&mut state, pid);
                 Ok(pid)
             }
             Err(e) => Err(e),
@@ -236,7 +248,9 @@ impl Inner {
     fn reserve(&self, id: &str) -> Result<()> {
         let mut state = self.lock();
         if state.containers.contains_key(id) || !state.creating.insert(id.to_string()) {
-            return Err(Error::AlreadyExists(format!("container {id} already exists")));
+            return Err(Error::AlreadyExists(format!(
+                "container {id} already exists"
+            )));
         }
         Ok(())
     }
@@ -279,7 +293,13 @@ impl Inner {
         }
     }
 
-    fn create_process(&self, id: &str, bundle: &Path, runc: &Runc, uris: &StdioUris) -> Result<Process> {
+    fn create_process(
+        &self,
+        id: &str,
+        bundle: &Path,
+        runc: &Runc,
+        uris: &StdioUris,
+    ) -> Result<Process> {
         let mut io = PendingIo::prepare(uris)?;
         let pid_file = bundle.join(INIT_PID_FILE);
         let stdio = io.child_stdio();
@@ -301,7 +321,11 @@ impl Inner {
 
     /// The options in the request win; else those `start` saved in the
     /// bundle; else the defaults.
-    fn runtime_options(&self, req: &api::CreateTaskRequest, bundle: &Path) -> Result<RuntimeOptions> {
+    fn runtime_options(
+        &self,
+        req: &api::CreateTaskRequest,
+        bundle: &Path,
+    ) -> Result<RuntimeOptions> {
         if let Some(any) = req.options.as_ref() {
             if any.type_url.ends_with("containerd.runc.v1.Options") {
                 let opts = Options::parse_from_bytes(&any.value).map_err(|e| {
@@ -348,7 +372,7 @@ impl Inner {
 
     // ---- Start ---------------------------------------------------------
 
-    fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+    fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
         if exec_id.is_empty() {
             self.start_init(id)
         } else {
@@ -358,46 +382,71 @@ impl Inner {
 
     fn start_init(&self, id: &str) -> Result<u32> {
         let runc = {
-            let state = self.lock();
-            let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
-            if c.init.status != ProcessStatus::Created {
+            let mut state = self.lock();
+            let c = state
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| Self::not_found(id))?;
+            if c.init.status != ProcessStatus::Created || c.init.starting {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is not in the created state"
                 )));
             }
+            // An exit seen from here until TaskStart is out waits for it.
+            c.init.starting = true;
             c.runc.clone()
         };
-        runc.start(&self.reaper, id)?;
+        let started = runc.start(&self.reaper, id);
         let mut state = self.lock();
-        let c = state.containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
-        // It may have exited already; the exit handler has then set Stopped.
-        if c.init.status == ProcessStatus::Created {
-            c.init.status = ProcessStatus::Running;
-        }
+        let c = state
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| Self::not_found(id))?;
+        c.init.starting = false;
+        let parked = c.init.parked_exit.take();
         let pid = c.init.pid;
-        self.publish(
-            topics::TASK_START_EVENT_TOPIC,
-            &TaskStart {
-                container_id: id.to_string(),
-                pid,
-                ..Default::default()
-            },
-        );
+        if started.is_ok() {
+            if c.init.status == ProcessStatus::Created {
+                c.init.status = ProcessStatus::Running;
+            }
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                &TaskStart {
+                    container_id: id.to_string(),
+                    pid,
+                    ..Default::default()
+                },
+            );
+        }
+        if let Some(exit) = parked {
+            self.finish_exit(&mut state, id, "", exit);
+        }
+        started?;
         Ok(pid)
     }
 
-    fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32> {
+    fn start_exec(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
         let (runc, bundle, spec, uris) = {
             let mut state = self.lock();
-            let c = state.containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
+            let c = state
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| Self::not_found(id))?;
             if c.init.status != ProcessStatus::Running {
-                return Err(Error::FailedPrecondition(format!("container {id} is not running")));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} is not running"
+                )));
             }
             let runc = c.runc.clone();
             let bundle = c.bundle.clone();
-            let p = c.execs.get_mut(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+            let p = c
+                .execs
+                .get_mut(exec_id)
+                .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
             if p.status != ProcessStatus::Added {
-                return Err(Error::FailedPrecondition(format!("exec {exec_id} was already started")));
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {exec_id} was already started"
+                )));
             }
             // Claimed now so a concurrent Start of the same exec is refused.
             p.status = ProcessStatus::Created;
@@ -406,8 +455,14 @@ impl Inner {
         match self.launch_exec(id, exec_id, &runc, &bundle, &spec, &uris) {
             Ok((pid, io)) => {
                 let mut state = self.lock();
-                let c = state.containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
-                let p = c.execs.get_mut(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+                let c = state
+                    .containers
+                    .get_mut(id)
+                    .ok_or_else(|| Self::not_found(id))?;
+                let p = c
+                    .execs
+                    .get_mut(exec_id)
+                    .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
                 p.pid = pid;
                 p.status = ProcessStatus::Running;
                 p.io = Some(io);
@@ -420,12 +475,16 @@ impl Inner {
                         ..Default::default()
                     },
                 );
-                self.claim_orphan_exit(&mut state, id, pid);
+                self.claim_orphan_exit(&mut state, pid);
                 Ok(pid)
             }
             Err(e) => {
                 let mut state = self.lock();
-                if let Some(p) = state.containers.get_mut(id).and_then(|c| c.execs.get_mut(exec_id)) {
+                if let Some(p) = state
+                    .containers
+                    .get_mut(id)
+                    .and_then(|c| c.execs.get_mut(exec_id))
+                {
                     p.status = ProcessStatus::Stopped;
                     p.exit = Some((255, SystemTime::now()));
                 }
@@ -471,6 +530,19 @@ impl Inner {
     /// Called by the reaper for every exit that is not a runc command.
     fn process_exited(self: &Arc<Self>, exit: Exit) {
         let mut state = self.lock();
+        if !self.dispatch_exit(&mut state, exit) {
+            if state.orphan_exits.len() >= ORPHAN_EXITS {
+                state.orphan_exits.pop_front();
+            }
+            state.orphan_exits.push_back(exit);
+        }
+    }
+
+    /// Hands the exit of a known pid to a thread that waits for the
+    /// process's output to reach its destination (so a reader of the log who
+    /// learns of the exit finds all of it), then records it. False if the pid
+    /// is no process of ours (yet).
+    fn dispatch_exit(self: &Arc<Self>, state: &mut State, exit: Exit) -> bool {
         let found = state.containers.iter_mut().find_map(|(id, c)| {
             c.process_by_pid(exit.pid as u32).map(|p| {
                 (
@@ -481,15 +553,8 @@ impl Inner {
             })
         });
         let Some((id, exec_id, drain)) = found else {
-            if state.orphan_exits.len() >= ORPHAN_EXITS {
-                state.orphan_exits.pop_front();
-            }
-            state.orphan_exits.push_back(exit);
-            return;
+            return false;
         };
-        drop(state);
-        // The output still in the pipes must reach the log before anyone
-        // learns of the exit; waiting happens off the reaper thread.
         let inner = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name("exit".into())
@@ -503,12 +568,35 @@ impl Inner {
         if let Err(e) = spawned {
             log::error!("exit of pid {}: {e}", exit.pid);
         }
+        true
     }
 
     fn mark_stopped(&self, id: &str, exec_id: &str, exit: Exit) {
         let mut state = self.lock();
-        let Some(c) = state.containers.get_mut(id) else { return };
-        let Some(p) = c.process_mut(exec_id) else { return };
+        let Some(p) = state
+            .containers
+            .get_mut(id)
+            .and_then(|c| c.process_mut(exec_id))
+        else {
+            return;
+        };
+        if p.starting {
+            p.parked_exit = Some(exit);
+            return;
+        }
+        self.finish_exit(&mut state, id, exec_id, exit);
+    }
+
+    /// Records an exit and publishes TaskExit, under the lock so that it is
+    /// ordered before any TaskDelete of the same process.
+    fn finish_exit(&self, state: &mut State, id: &str, exec_id: &str, exit: Exit) {
+        let Some(p) = state
+            .containers
+            .get_mut(id)
+            .and_then(|c| c.process_mut(exec_id))
+        else {
+            return;
+        };
         if p.status == ProcessStatus::Stopped {
             return;
         }
@@ -519,7 +607,11 @@ impl Inner {
             topics::TASK_EXIT_EVENT_TOPIC,
             &TaskExit {
                 container_id: id.to_string(),
-                id: if exec_id.is_empty() { id.to_string() } else { exec_id.to_string() },
+                id: if exec_id.is_empty() {
+                    id.to_string()
+                } else {
+                    exec_id.to_string()
+                },
                 pid,
                 exit_status: exit.status as u32,
                 exited_at: MessageField::some(timestamp(exit.at)),
@@ -531,32 +623,11 @@ impl Inner {
 
     /// An exit reaped before its pid was recorded belongs to the process
     /// just registered with that pid.
-    fn claim_orphan_exit(self: &Self, state: &mut State, id: &str, pid: u32) {
-        let Some(pos) = state.orphan_exits.iter().position(|e| e.pid as u32 == pid) else {
-            return;
-        };
-        let Some(exit) = state.orphan_exits.remove(pos) else { return };
-        let exec_id = state
-            .containers
-            .get_mut(id)
-            .and_then(|c| c.process_by_pid(pid).map(|p| p.exec_id.clone()));
-        if let Some(exec_id) = exec_id {
-            if let Some(p) = state.containers.get_mut(id).and_then(|c| c.process_mut(&exec_id)) {
-                p.status = ProcessStatus::Stopped;
-                p.exit = Some((exit.status as u32, exit.at));
+    fn claim_orphan_exit(self: &Arc<Self>, state: &mut State, pid: u32) {
+        if let Some(pos) = state.orphan_exits.iter().position(|e| e.pid as u32 == pid) {
+            if let Some(exit) = state.orphan_exits.remove(pos) {
+                self.dispatch_exit(state, exit);
             }
-            self.publish(
-                topics::TASK_EXIT_EVENT_TOPIC,
-                &TaskExit {
-                    container_id: id.to_string(),
-                    id: if exec_id.is_empty() { id.to_string() } else { exec_id },
-                    pid,
-                    exit_status: exit.status as u32,
-                    exited_at: MessageField::some(timestamp(exit.at)),
-                    ..Default::default()
-                },
-            );
-            self.stopped.notify_all();
         }
     }
 
@@ -568,7 +639,10 @@ impl Inner {
         }
         let (runc, bundle) = {
             let state = self.lock();
-            let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
+            let c = state
+                .containers
+                .get(id)
+                .ok_or_else(|| Self::not_found(id))?;
             if c.init.status == ProcessStatus::Running {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is running: kill it before Delete"
@@ -578,14 +652,20 @@ impl Inner {
         };
         runc.delete(&self.reaper, id, true)?;
         let mut state = self.lock();
-        let c = state.containers.remove(id).ok_or_else(|| Self::not_found(id))?;
+        let c = state
+            .containers
+            .remove(id)
+            .ok_or_else(|| Self::not_found(id))?;
         drop(state);
         if c.mounted_rootfs {
             unmount_rootfs(&bundle);
         }
         let _ = fs::remove_file(bundle.join(INIT_PID_FILE));
         // A container deleted before it ran was killed by the runtime.
-        let (status, at) = c.init.exit.unwrap_or((128 + libc::SIGKILL as u32, SystemTime::now()));
+        let (status, at) = c
+            .init
+            .exit
+            .unwrap_or((128 + libc::SIGKILL as u32, SystemTime::now()));
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             &TaskDelete {
@@ -607,14 +687,23 @@ impl Inner {
 
     fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
         let mut state = self.lock();
-        let c = state.containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
-        let p = c.execs.get(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let c = state
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| Self::not_found(id))?;
+        let p = c
+            .execs
+            .get(exec_id)
+            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
         if p.is_live() {
             return Err(Error::FailedPrecondition(format!(
                 "exec {exec_id} of container {id} is running: kill it before Delete"
             )));
         }
-        let p = c.execs.remove(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let p = c
+            .execs
+            .remove(exec_id)
+            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
         let (status, at) = p.exit.unwrap_or((0, SystemTime::now()));
         Ok(api::DeleteResponse {
             pid: p.pid,
@@ -632,12 +721,20 @@ impl Inner {
             .spec
             .as_ref()
             .map(|any| any.value.clone())
-            .ok_or_else(|| Error::InvalidArgument(format!("exec {}: no process spec", req.exec_id)))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("exec {}: no process spec", req.exec_id))
+            })?;
         serde_json::from_slice::<serde_json::Value>(&spec).map_err(|e| {
-            Error::InvalidArgument(format!("exec {}: the process spec is not JSON: {e}", req.exec_id))
+            Error::InvalidArgument(format!(
+                "exec {}: the process spec is not JSON: {e}",
+                req.exec_id
+            ))
         })?;
         let mut state = self.lock();
-        let c = state.containers.get_mut(&req.id).ok_or_else(|| Self::not_found(&req.id))?;
+        let c = state
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| Self::not_found(&req.id))?;
         if c.execs.contains_key(&req.exec_id) {
             return Err(Error::AlreadyExists(format!(
                 "exec {} of container {} already exists",
@@ -668,8 +765,13 @@ impl Inner {
 
     fn state(&self, id: &str, exec_id: &str) -> Result<api::StateResponse> {
         let state = self.lock();
-        let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
-        let p = c.process(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let c = state
+            .containers
+            .get(id)
+            .ok_or_else(|| Self::not_found(id))?;
+        let p = c
+            .process(exec_id)
+            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
         let (exit_status, exited_at) = match p.exit {
             Some((status, at)) => (status, MessageField::some(timestamp(at))),
             None => (0, MessageField::none()),
@@ -693,15 +795,23 @@ impl Inner {
     fn kill(&self, req: &api::KillRequest) -> Result<()> {
         let (runc, pid) = {
             let state = self.lock();
-            let c = state.containers.get(&req.id).ok_or_else(|| Self::not_found(&req.id))?;
+            let c = state
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| Self::not_found(&req.id))?;
             let p = c
                 .process(&req.exec_id)
                 .ok_or_else(|| Self::exec_not_found(&req.id, &req.exec_id))?;
-            let finished = !p.is_live() && !(req.exec_id.is_empty() && req.all);
+            let kill_all_of_init = req.exec_id.is_empty() && req.all;
+            let finished = !(p.is_live() || kill_all_of_init);
             if finished {
                 return Err(Error::NotFound(format!(
                     "process {} of container {} already finished",
-                    if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                    if req.exec_id.is_empty() {
+                        "init"
+                    } else {
+                        &req.exec_id
+                    },
                     req.id
                 )));
             }
@@ -712,7 +822,10 @@ impl Inner {
                 Err(crate::runc::RuncError::Failed { message, .. })
                     if message.contains("not running") || message.contains("no such process") =>
                 {
-                    Err(Error::NotFound(format!("container {} is not running", req.id)))
+                    Err(Error::NotFound(format!(
+                        "container {} is not running",
+                        req.id
+                    )))
                 }
                 other => Ok(other?),
             };
@@ -731,8 +844,13 @@ impl Inner {
     fn wait(&self, id: &str, exec_id: &str) -> Result<api::WaitResponse> {
         let mut state = self.lock();
         loop {
-            let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
-            let p = c.process(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+            let c = state
+                .containers
+                .get(id)
+                .ok_or_else(|| Self::not_found(id))?;
+            let p = c
+                .process(exec_id)
+                .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
             if let (ProcessStatus::Stopped, Some((status, at))) = (p.status, p.exit) {
                 return Ok(api::WaitResponse {
                     exit_status: status,
@@ -750,7 +868,10 @@ impl Inner {
     fn pids(&self, id: &str) -> Result<api::PidsResponse> {
         let (runc, execs) = {
             let state = self.lock();
-            let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
+            let c = state
+                .containers
+                .get(id)
+                .ok_or_else(|| Self::not_found(id))?;
             let execs: HashMap<u32, String> = c
                 .execs
                 .values()
@@ -790,9 +911,14 @@ impl Inner {
     fn pause(&self, id: &str, pause: bool) -> Result<()> {
         let runc = {
             let state = self.lock();
-            let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
+            let c = state
+                .containers
+                .get(id)
+                .ok_or_else(|| Self::not_found(id))?;
             if c.init.status != ProcessStatus::Running {
-                return Err(Error::FailedPrecondition(format!("container {id} is not running")));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} is not running"
+                )));
             }
             c.runc.clone()
         };
@@ -832,14 +958,25 @@ impl Inner {
             .map(|any| any.value.clone())
             .ok_or_else(|| Error::InvalidArgument(format!("update of {}: no resources", req.id)))?;
         // containerd's typeurl carries OCI LinuxResources as JSON.
-        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&resources).map_err(|e| {
-            Error::InvalidArgument(format!("update of {}: resources are not a JSON object: {e}", req.id))
-        })?;
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&resources).map_err(
+            |e| {
+                Error::InvalidArgument(format!(
+                    "update of {}: resources are not a JSON object: {e}",
+                    req.id
+                ))
+            },
+        )?;
         let runc = {
             let state = self.lock();
-            let c = state.containers.get(&req.id).ok_or_else(|| Self::not_found(&req.id))?;
+            let c = state
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| Self::not_found(&req.id))?;
             if !c.init.is_live() {
-                return Err(Error::FailedPrecondition(format!("container {} is not running", req.id)));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is not running",
+                    req.id
+                )));
             }
             c.runc.clone()
         };
@@ -849,9 +986,14 @@ impl Inner {
     fn stats(&self, id: &str) -> Result<api::StatsResponse> {
         let pid = {
             let state = self.lock();
-            let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
+            let c = state
+                .containers
+                .get(id)
+                .ok_or_else(|| Self::not_found(id))?;
             if !c.init.is_live() {
-                return Err(Error::FailedPrecondition(format!("container {id} is not running")));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} is not running"
+                )));
             }
             c.init.pid
         };
@@ -863,14 +1005,23 @@ impl Inner {
         })
     }
 
-    fn with_io<T>(&self, id: &str, exec_id: &str, f: impl FnOnce(&crate::stdio::ProcessIo) -> Result<T>) -> Result<T> {
+    fn with_io<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&crate::stdio::ProcessIo) -> Result<T>,
+    ) -> Result<T> {
         let state = self.lock();
-        let c = state.containers.get(id).ok_or_else(|| Self::not_found(id))?;
-        let p = c.process(exec_id).ok_or_else(|| Self::exec_not_found(id, exec_id))?;
-        let io = p
-            .io
-            .as_ref()
-            .ok_or_else(|| Error::FailedPrecondition(format!("process {exec_id:?} of {id} has not started")))?;
+        let c = state
+            .containers
+            .get(id)
+            .ok_or_else(|| Self::not_found(id))?;
+        let p = c
+            .process(exec_id)
+            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let io = p.io.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(format!("process {exec_id:?} of {id} has not started"))
+        })?;
         f(io)
     }
 
@@ -910,8 +1061,9 @@ fn check_spec(bundle: &Path) -> Result<()> {
             Error::io_path("read", &path, e)
         }
     })?;
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes)
-        .map_err(|e| Error::InvalidArgument(format!("{}: malformed OCI spec: {e}", path.display())))?;
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).map_err(|e| {
+        Error::InvalidArgument(format!("{}: malformed OCI spec: {e}", path.display()))
+    })?;
     Ok(())
 }
 
@@ -970,7 +1122,11 @@ impl corral_proto::containerd::shim_sync::Task for TaskService {
         reply(self.0.state(&req.id, &req.exec_id))
     }
 
-    fn create(&self, _: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+    fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
         reply(self.0.create(&req).map(|pid| api::CreateTaskResponse {
             pid,
             ..Default::default()
@@ -978,13 +1134,21 @@ impl corral_proto::containerd::shim_sync::Task for TaskService {
     }
 
     fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        reply(self.0.start(&req.id, &req.exec_id).map(|pid| api::StartResponse {
-            pid,
-            ..Default::default()
-        }))
+        reply(
+            self.0
+                .start(&req.id, &req.exec_id)
+                .map(|pid| api::StartResponse {
+                    pid,
+                    ..Default::default()
+                }),
+        )
     }
 
-    fn delete(&self, _: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         reply(self.0.delete(&req.id, &req.exec_id))
     }
 
@@ -1048,7 +1212,11 @@ impl corral_proto::containerd::shim_sync::Task for TaskService {
         reply(self.0.stats(&req.id))
     }
 
-    fn connect(&self, _: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+    fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
         Ok(self.0.connect(&req.id))
     }
 
@@ -1059,11 +1227,7 @@ impl corral_proto::containerd::shim_sync::Task for TaskService {
 }
 
 impl corral_proto::shim::log_ttrpc::Log for LogService {
-    fn reopen(
-        &self,
-        _: &TtrpcContext,
-        req: ReopenRequest,
-    ) -> TtrpcResult<Empty> {
+    fn reopen(&self, _: &TtrpcContext, req: ReopenRequest) -> TtrpcResult<Empty> {
         reply(
             self.0
                 .with_io(&req.id, "", |io| io.reopen_log())

@@ -222,7 +222,9 @@ impl PendingIo {
 
     /// The console socket's address for runc's `--console-socket`.
     pub fn console_socket(&self) -> Option<&Path> {
-        self.console.as_ref().map(|c| Path::new(c.runc_address.as_str()))
+        self.console
+            .as_ref()
+            .map(|c| Path::new(c.runc_address.as_str()))
     }
 
     /// Starts copying, once the runtime has created the process. With a
@@ -249,19 +251,42 @@ impl PendingIo {
             let master = Arc::new(console.receive_master()?);
             io.console = Some(Arc::clone(&master));
             *lock(&io.stdin) = Some(StdinTarget::Console(Arc::clone(&master)));
-            let reader = master.try_clone().map_err(|e| Error::io("dup console", e))?;
-            spawn_output(id, reader, self.stdout.clone(), Stream::Stdout, cri_log, drain.enter())?;
+            let reader = master
+                .try_clone()
+                .map_err(|e| Error::io("dup console", e))?;
+            spawn_output(
+                id,
+                reader,
+                self.stdout.clone(),
+                Stream::Stdout,
+                cri_log,
+                drain.enter(),
+            )?;
         } else {
             if let Some(w) = self.stdin_writer.take() {
                 *lock(&io.stdin) = Some(StdinTarget::Pipe(File::from(w)));
             }
             if let Some(r) = self.stdout_reader.take() {
                 let out = self.stdout.clone();
-                spawn_output(id, File::from(r), out, Stream::Stdout, cri_log.clone(), drain.enter())?;
+                spawn_output(
+                    id,
+                    File::from(r),
+                    out,
+                    Stream::Stdout,
+                    cri_log.clone(),
+                    drain.enter(),
+                )?;
             }
             if let Some(r) = self.stderr_reader.take() {
                 let out = self.stderr.clone();
-                spawn_output(id, File::from(r), out, Stream::Stderr, cri_log, drain.enter())?;
+                spawn_output(
+                    id,
+                    File::from(r),
+                    out,
+                    Stream::Stderr,
+                    cri_log,
+                    drain.enter(),
+                )?;
             }
         }
         if let Some(fifo) = self.stdin.clone() {
@@ -286,7 +311,8 @@ impl PendingIo {
             }
         }
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io_path("create log dir", parent, e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io_path("create log dir", parent, e))?;
         }
         CriLogFile::open(path)
             .map(|f| Some(Arc::new(f)))
@@ -527,8 +553,13 @@ impl ConsoleSocket {
         let mut buf = [0u8; 4096];
         let mut iov = [io::IoSliceMut::new(&mut buf)];
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| Error::io("receive the terminal", e.into()))?;
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::io("receive the terminal", e.into()))?;
         let cmsgs = msg
             .cmsgs()
             .map_err(|e| Error::io("receive the terminal", e.into()))?;
@@ -541,7 +572,9 @@ impl ConsoleSocket {
                 }
             }
         }
-        Err(Error::Internal("the runtime sent no terminal on the console socket".into()))
+        Err(Error::Internal(
+            "the runtime sent no terminal on the console socket".into(),
+        ))
     }
 }
 
@@ -552,7 +585,11 @@ fn unique() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{}-{}-{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 #[cfg(test)]
@@ -562,9 +599,18 @@ mod tests {
     #[test]
     fn parses_every_supported_uri() {
         assert_eq!(Output::parse("").ok(), Some(Output::Null));
-        assert_eq!(Output::parse("/run/x/stdout").ok(), Some(Output::Fifo("/run/x/stdout".into())));
-        assert_eq!(Output::parse("fifo:///run/x/o").ok(), Some(Output::Fifo("/run/x/o".into())));
-        assert_eq!(Output::parse("file:///var/log/o").ok(), Some(Output::File("/var/log/o".into())));
+        assert_eq!(
+            Output::parse("/run/x/stdout").ok(),
+            Some(Output::Fifo("/run/x/stdout".into()))
+        );
+        assert_eq!(
+            Output::parse("fifo:///run/x/o").ok(),
+            Some(Output::Fifo("/run/x/o".into()))
+        );
+        assert_eq!(
+            Output::parse("file:///var/log/o").ok(),
+            Some(Output::File("/var/log/o".into()))
+        );
         assert_eq!(
             Output::parse("cri-log:///var/log/pods/p/c/0.log").ok(),
             Some(Output::CriLog("/var/log/pods/p/c/0.log".into()))
@@ -573,7 +619,13 @@ mod tests {
 
     #[test]
     fn refuses_relative_escaping_and_unknown_uris() {
-        for bad in ["relative", "file://relative", "cri-log:///var/log/../../etc/x", "binary:///bin/logger", "http://x/y"] {
+        for bad in [
+            "relative",
+            "file://relative",
+            "cri-log:///var/log/../../etc/x",
+            "binary:///bin/logger",
+            "http://x/y",
+        ] {
             match Output::parse(bad) {
                 Err(Error::InvalidArgument(msg)) => assert!(msg.contains(bad), "{msg}"),
                 other => panic!("{bad}: {other:?}"),
