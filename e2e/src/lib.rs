@@ -12,6 +12,7 @@
 //! - [`runc`]: the raw runc CLI, the baseline a shim is compared against.
 //! - [`events`]: containerd's ttrpc events service, recording what a shim publishes.
 //! - [`shim`]: starting, connecting to and deleting a runtime v2 shim.
+//! - [`task`]: a pod's shim driven through the task API, as a daemon drives it.
 
 pub mod bin;
 pub mod bundle;
@@ -21,6 +22,7 @@ pub mod events;
 pub mod rootfs;
 pub mod runc;
 pub mod shim;
+pub mod task;
 pub mod unique;
 
 pub use bundle::Bundle;

@@ -136,13 +136,10 @@ impl Runc {
     }
 
     pub fn kill(&self, reaper: &Reaper, id: &str, signal: u32, all: bool) -> Result<(), RuncError> {
-        let sig = signal.to_string();
-        let mut args = Vec::with_capacity(2);
-        if all {
-            args.push("--all");
-        }
-        args.push(&sig);
-        self.simple(reaper, "kill", id, &args, None).map(drop)
+        let flags: &[&str] = if all { &["--all"] } else { &[] };
+        // runc takes the signal after the id: `runc kill [--all] <id> <signal>`.
+        self.run(reaper, "kill", flags, id, &[&signal.to_string()], None)
+            .map(drop)
     }
 
     pub fn delete(&self, reaper: &Reaper, id: &str, force: bool) -> Result<(), RuncError> {
@@ -210,13 +207,27 @@ impl Runc {
         reaper: &Reaper,
         command: &'static str,
         id: &str,
-        args: &[&str],
+        flags: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<CommandOutput, RuncError> {
+        self.run(reaper, command, flags, id, &[], stdin)
+    }
+
+    /// `runc <command> <flags> <id> <trailing>`, its output captured.
+    fn run(
+        &self,
+        reaper: &Reaper,
+        command: &'static str,
+        flags: &[&str],
+        id: &str,
+        trailing: &[&str],
         stdin: Option<&[u8]>,
     ) -> Result<CommandOutput, RuncError> {
         let mut cmd = self.command(None);
         cmd.arg(command)
-            .args(args)
+            .args(flags)
             .arg(id)
+            .args(trailing)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
