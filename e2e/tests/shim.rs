@@ -536,10 +536,34 @@ fn delete_after_the_shim_was_killed_reports_137_and_cleans_up() {
     let cleanup = Cleanup::new().expect("cleanup");
     let sink = EventsSink::start_in(&cleanup).expect("events sink");
     let pod = pod(&cleanup, &sink, "dead-sb");
-    let bundle = container(&cleanup, &pod, "dead").args(["sleep", "1000"]);
+    // The rootfs comes as a mount the shim makes, as containerd passes a
+    // snapshot: the shim must undo it even after dying.
+    let image = cleanup.busybox_rootfs("dead-image").expect("rootfs");
+    let dir = cleanup.work_dir().join("dead");
+    fs::create_dir_all(dir.join("rootfs")).expect("mkdir rootfs");
+    cleanup.track_mount(dir.join("rootfs"));
+    let bundle = cleanup
+        .bundle("dead", dir.join("rootfs"))
+        .annotation(SANDBOX_ID, pod.sandbox_id.as_str())
+        .args(["sleep", "1000"]);
+    bundle.write().expect("write bundle");
     let id = id_of(&bundle);
-    let pid = create(&pod, &bundle, "", "");
+    let mut req = pod.create_request(&bundle, "", "").expect("request");
+    req.rootfs = vec![corral_proto::containerd::api::Mount {
+        type_: "bind".into(),
+        source: image.path().display().to_string(),
+        options: vec!["rbind".into(), "rw".into()],
+        ..Default::default()
+    }];
+    let pid = pod.task().create(ctx(), &req).expect("create").pid;
     start(&pod, &id, "");
+    let rootfs = dir.join("rootfs").display().to_string();
+    let mounted = || {
+        fs::read_to_string("/proc/self/mountinfo")
+            .expect("mountinfo")
+            .contains(&format!(" {rootfs} "))
+    };
+    assert!(mounted(), "the shim did not mount the rootfs");
 
     pod.shim
         .signal(nix::sys::signal::Signal::SIGKILL)
@@ -562,7 +586,7 @@ fn delete_after_the_shim_was_killed_reports_137_and_cleans_up() {
         deleted.exited_at
     );
 
-    // runc no longer knows the container, and its process is gone.
+    // runc no longer knows the container, its process is gone, its rootfs unmounted.
     let listed = std::process::Command::new("runc")
         .arg("--root")
         .arg(pod.runc_root.join(&pod.namespace))
@@ -579,6 +603,7 @@ fn delete_after_the_shim_was_killed_reports_137_and_cleans_up() {
             .map(|s| s.contains(") Z "))
             .unwrap_or(true)
     });
+    assert!(!mounted(), "the rootfs is still mounted after delete");
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod container;
 mod cri_log;
 mod delete;
 mod error;
+mod mount;
 mod publisher;
 mod reaper;
 mod runc;

@@ -1074,21 +1074,11 @@ fn mount_rootfs(mounts: &[corral_proto::containerd::api::Mount], bundle: &Path) 
     let target = bundle.join("rootfs");
     fs::create_dir_all(&target).map_err(|e| Error::io_path("create", &target, e))?;
     for (i, m) in mounts.iter().enumerate() {
-        if let Err(e) = containerd_shim::mount::mount_rootfs(
-            Some(m.type_.as_str()),
-            Some(m.source.as_str()),
-            &m.options,
-            &target,
-        ) {
+        if let Err(e) = crate::mount::mount_one(&m.type_, &m.source, &m.options, &target) {
             if i > 0 {
                 unmount_rootfs(bundle);
             }
-            return Err(Error::InvalidArgument(format!(
-                "mount {} ({}) on {}: {e}",
-                m.source,
-                m.type_,
-                target.display()
-            )));
+            return Err(e);
         }
     }
     Ok(true)
@@ -1096,17 +1086,7 @@ fn mount_rootfs(mounts: &[corral_proto::containerd::api::Mount], bundle: &Path) 
 
 /// Undoes every mount stacked on `<bundle>/rootfs`.
 pub fn unmount_rootfs(bundle: &Path) {
-    let target = bundle.join("rootfs");
-    loop {
-        match nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) => continue,
-            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return,
-            Err(e) => {
-                log::warn!("unmount {}: {e}", target.display());
-                return;
-            }
-        }
-    }
+    crate::mount::unmount_all(&bundle.join("rootfs"));
 }
 
 // ---- ttrpc glue: decode, call, map the error ----------------------------
