@@ -64,13 +64,21 @@ impl PodShim {
     /// Writes `sandbox` (whose id becomes the pod's) and starts the shim in
     /// its bundle, publishing to `sink`.
     pub fn start(cleanup: &Cleanup, sink: &EventsSink, sandbox: &Bundle) -> Result<PodShim> {
+        // Checked before anything is made: a missing build is an error, not a panic.
+        let binary = bin::try_binary(bin::SHIM).ok_or_else(|| {
+            Error::Protocol(format!(
+                "{} is not built: run `cargo build --workspace --bins` (same profile)",
+                bin::SHIM
+            ))
+        })?;
         let sandbox_id = file_name(sandbox.dir())?;
         let namespace = cleanup.name("ns");
         let runc_root = cleanup.run_dir().join("runc");
-        cleanup.track_runc_root(&crate::runc::Runc::new(&runc_root));
+        // The shim keeps runc's state per namespace, under the root it is given.
+        cleanup.track_runc_root(&crate::runc::Runc::new(runc_root.join(&namespace)));
         sandbox.write()?;
         let mut command = ShimCommand::new(
-            bin::shim(),
+            binary,
             namespace.clone(),
             sandbox_id.clone(),
             sandbox.dir(),
@@ -121,38 +129,70 @@ impl PodShim {
         })
     }
 
+    /// Writes `bundle`, then Create and Start of its container; its pid.
+    pub fn create_and_start(&self, bundle: &Bundle, stdout: &str, stderr: &str) -> Result<u32> {
+        bundle.write()?;
+        let req = self.create_request(bundle, stdout, stderr)?;
+        self.task().create(ctx(), &req).map_err(rpc("create"))?;
+        self.start_task(&req.id, "")
+    }
+
+    pub fn start_task(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let req = api::StartRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        Ok(self.task().start(ctx(), &req).map_err(rpc("start"))?.pid)
+    }
+
+    /// Waits for the process to exit; its exit status.
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let req = api::WaitRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        Ok(self
+            .task()
+            .wait(ctx(), &req)
+            .map_err(rpc("wait"))?
+            .exit_status)
+    }
+
+    pub fn kill(&self, id: &str, exec_id: &str, signal: i32) -> Result<()> {
+        let req = api::KillRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal: signal as u32,
+            ..Default::default()
+        };
+        self.task().kill(ctx(), &req).map_err(rpc("kill")).map(drop)
+    }
+
+    pub fn delete(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+        let req = api::DeleteRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.task().delete(ctx(), &req).map_err(rpc("delete"))
+    }
+
+    /// SIGKILL, Wait, Delete: how a test tears a running container down.
+    pub fn stop_and_delete(&self, id: &str) -> Result<()> {
+        self.kill(id, "", libc::SIGKILL)?;
+        self.wait(id, "")?;
+        self.delete(id, "").map(drop)
+    }
+
     /// Create, Start, Wait and Delete of `bundle`'s container; its exit status.
     pub fn run_to_exit(&self, bundle: &Bundle, stdout: &str, stderr: &str) -> Result<u32> {
-        let req = self.create_request(bundle, stdout, stderr)?;
-        let id = req.id.clone();
-        let task = self.task();
-        task.create(ctx(), &req).map_err(rpc("create"))?;
-        task.start(
-            ctx(),
-            &api::StartRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        )
-        .map_err(rpc("start"))?;
-        let waited = task
-            .wait(
-                ctx(),
-                &api::WaitRequest {
-                    id: id.clone(),
-                    ..Default::default()
-                },
-            )
-            .map_err(rpc("wait"))?;
-        task.delete(
-            ctx(),
-            &api::DeleteRequest {
-                id,
-                ..Default::default()
-            },
-        )
-        .map_err(rpc("delete"))?;
-        Ok(waited.exit_status)
+        let id = file_name(bundle.dir())?;
+        self.create_and_start(bundle, stdout, stderr)?;
+        let status = self.wait(&id, "")?;
+        self.delete(&id, "")?;
+        Ok(status)
     }
 
     /// Shutdown, once every container is deleted: the shim then exits.

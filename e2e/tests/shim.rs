@@ -77,31 +77,11 @@ fn create(pod: &PodShim, bundle: &Bundle, stdout: &str, stderr: &str) -> u32 {
 }
 
 fn start(pod: &PodShim, id: &str, exec_id: &str) -> u32 {
-    pod.task()
-        .start(
-            ctx(),
-            &api::StartRequest {
-                id: id.into(),
-                exec_id: exec_id.into(),
-                ..Default::default()
-            },
-        )
-        .expect("start")
-        .pid
+    pod.start_task(id, exec_id).expect("start")
 }
 
 fn wait(pod: &PodShim, id: &str, exec_id: &str) -> u32 {
-    pod.task()
-        .wait(
-            ctx(),
-            &api::WaitRequest {
-                id: id.into(),
-                exec_id: exec_id.into(),
-                ..Default::default()
-            },
-        )
-        .expect("wait")
-        .exit_status
+    pod.wait(id, exec_id).expect("wait")
 }
 
 fn state(pod: &PodShim, id: &str, exec_id: &str) -> api::StateResponse {
@@ -118,30 +98,11 @@ fn state(pod: &PodShim, id: &str, exec_id: &str) -> api::StateResponse {
 }
 
 fn kill(pod: &PodShim, id: &str, exec_id: &str, signal: i32) {
-    pod.task()
-        .kill(
-            ctx(),
-            &api::KillRequest {
-                id: id.into(),
-                exec_id: exec_id.into(),
-                signal: signal as u32,
-                ..Default::default()
-            },
-        )
-        .expect("kill");
+    pod.kill(id, exec_id, signal).expect("kill")
 }
 
 fn delete(pod: &PodShim, id: &str, exec_id: &str) -> api::DeleteResponse {
-    pod.task()
-        .delete(
-            ctx(),
-            &api::DeleteRequest {
-                id: id.into(),
-                exec_id: exec_id.into(),
-                ..Default::default()
-            },
-        )
-        .expect("delete")
+    pod.delete(id, exec_id).expect("delete")
 }
 
 /// An exec's OCI process: the container's own, with other args.
