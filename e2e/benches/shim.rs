@@ -177,27 +177,38 @@ impl Stats {
 struct Memory {
     rss_kib: u64,
     hwm_kib: u64,
+    /// Proportional share: libc's pages count once across every process
+    /// that maps them; what one more pod really costs the node.
+    pss_kib: u64,
+    anon_kib: u64,
 }
 
 impl Memory {
     fn of(pid: u32) -> Result<Memory> {
-        let path = format!("/proc/{pid}/status");
-        let status = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-            context: format!("read {path}"),
-            source,
-        })?;
-        let field = |name: &str| -> Result<u64> {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-                .ok_or_else(|| Error::Protocol(format!("no {name} in {path}")))
-        };
+        let status = read_kib_fields(&format!("/proc/{pid}/status"))?;
+        let rollup = read_kib_fields(&format!("/proc/{pid}/smaps_rollup"))?;
         Ok(Memory {
-            rss_kib: field("VmRSS")?,
-            hwm_kib: field("VmHWM")?,
+            rss_kib: status("VmRSS")?,
+            hwm_kib: status("VmHWM")?,
+            pss_kib: rollup("Pss")?,
+            anon_kib: rollup("Anonymous")?,
         })
     }
+}
+
+/// A reader of the `Name:   123 kB` lines of a /proc file.
+fn read_kib_fields(path: &str) -> Result<impl Fn(&str) -> Result<u64>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("read {path}"),
+        source,
+    })?;
+    let path = path.to_string();
+    Ok(move |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| Error::Protocol(format!("no {name} in {path}")))
+    })
 }
 
 impl fmt::Display for Memory {
@@ -205,9 +216,11 @@ impl fmt::Display for Memory {
         let mib = |kib: u64| kib as f64 / 1024.0;
         write!(
             f,
-            "VmRSS {:.1} MiB  VmHWM {:.1} MiB",
+            "VmRSS {:.1} MiB  VmHWM {:.1} MiB  Pss {:.1} MiB  anonymous {:.1} MiB",
             mib(self.rss_kib),
-            mib(self.hwm_kib)
+            mib(self.hwm_kib),
+            mib(self.pss_kib),
+            mib(self.anon_kib)
         )
     }
 }

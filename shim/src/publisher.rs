@@ -16,9 +16,14 @@ use std::{
 
 use corral_proto::{
     containerd::{
-        protobuf::{well_known_types::any::Any, MessageDyn},
+        events::task::{
+            TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+            TaskResumed, TaskStart,
+        },
+        protobuf::{well_known_types::any::Any, Message},
         shim::{event::Envelope, events::ForwardRequest},
         shim_sync::{Client, EventsClient},
+        topics,
     },
     ttrpc::context,
 };
@@ -58,12 +63,11 @@ impl Publisher {
         })
     }
 
-    pub fn publish(&self, topic: &str, event: &dyn MessageDyn) {
-        let any = match event.write_to_bytes_dyn() {
-            // containerd's typeurl names a proto message by its full name
-            // alone, without the `type.googleapis.com/` host.
+    pub fn publish<E: TaskEvent>(&self, event: &E) {
+        let topic = E::TOPIC;
+        let any = match event.write_to_bytes() {
             Ok(value) => Any {
-                type_url: event.descriptor_dyn().full_name().to_string(),
+                type_url: E::TYPE_URL.to_string(),
                 value,
                 ..Default::default()
             },
@@ -87,6 +91,47 @@ impl Publisher {
         events.push_back(envelope);
         self.queue.ready.notify_one();
     }
+}
+
+/// A task event, its topic, and the name containerd's typeurl gives it (the
+/// message's full name, without the `type.googleapis.com/` host). Named here
+/// rather than read from the protobuf descriptor: building the reflection
+/// tables would cost every shim a few hundred KiB for a constant string.
+pub trait TaskEvent: Message {
+    const TOPIC: &'static str;
+    const TYPE_URL: &'static str;
+}
+
+macro_rules! task_events {
+    ($($event:ident => $topic:path),* $(,)?) => {
+        $(impl TaskEvent for $event {
+            const TOPIC: &'static str = $topic;
+            const TYPE_URL: &'static str = concat!("containerd.events.", stringify!($event));
+        })*
+
+        #[cfg(test)]
+        mod type_urls {
+            use corral_proto::containerd::protobuf::MessageFull;
+            use super::*;
+
+            #[test]
+            fn type_urls_are_the_messages_full_names() {
+                $(assert_eq!($event::descriptor().full_name(), <$event as TaskEvent>::TYPE_URL);)*
+            }
+        }
+    };
+}
+
+task_events! {
+    TaskCreate => topics::TASK_CREATE_EVENT_TOPIC,
+    TaskStart => topics::TASK_START_EVENT_TOPIC,
+    TaskExit => topics::TASK_EXIT_EVENT_TOPIC,
+    TaskDelete => topics::TASK_DELETE_EVENT_TOPIC,
+    TaskOOM => topics::TASK_OOM_EVENT_TOPIC,
+    TaskExecAdded => topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+    TaskExecStarted => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+    TaskPaused => topics::TASK_PAUSED_EVENT_TOPIC,
+    TaskResumed => topics::TASK_RESUMED_EVENT_TOPIC,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -25,7 +25,6 @@ use corral_proto::{
         protobuf::well_known_types::empty::Empty,
         protobuf::{well_known_types::any::Any, Message, MessageField},
         shim::oci::{Options, ProcessDetails},
-        topics,
     },
     shim::log::ReopenRequest,
     ttrpc::{self, TtrpcContext},
@@ -36,7 +35,7 @@ use crate::{
     cgroup::{self, Cgroup},
     container::{Container, Process, ProcessStatus},
     error::{Error, Result},
-    publisher::Publisher,
+    publisher::{Publisher, TaskEvent},
     reaper::{Exit, Reaper},
     runc::{Launch, Runc},
     stdio::{PendingIo, StdioUris},
@@ -200,8 +199,8 @@ impl Inner {
         Error::NotFound(format!("exec {exec_id} of container {id} not found"))
     }
 
-    fn publish(&self, topic: &str, event: &dyn corral_proto::containerd::protobuf::MessageDyn) {
-        self.publisher.publish(topic, event);
+    fn publish<E: TaskEvent>(&self, event: &E) {
+        self.publisher.publish(event);
     }
 
     // ---- Create --------------------------------------------------------
@@ -220,23 +219,20 @@ impl Inner {
         match result {
             Ok(container) => {
                 let pid = container.init.pid;
-                self.publish(
-                    topics::TASK_CREATE_EVENT_TOPIC,
-                    &TaskCreate {
-                        container_id: req.id.clone(),
-                        bundle: req.bundle.clone(),
-                        rootfs: req.rootfs.clone(),
-                        io: MessageField::some(TaskIO {
-                            stdin: req.stdin.clone(),
-                            stdout: req.stdout.clone(),
-                            stderr: req.stderr.clone(),
-                            terminal: req.terminal,
-                            ..Default::default()
-                        }),
-                        pid,
+                self.publish(&TaskCreate {
+                    container_id: req.id.clone(),
+                    bundle: req.bundle.clone(),
+                    rootfs: req.rootfs.clone(),
+                    io: MessageField::some(TaskIO {
+                        stdin: req.stdin.clone(),
+                        stdout: req.stdout.clone(),
+                        stderr: req.stderr.clone(),
+                        terminal: req.terminal,
                         ..Default::default()
-                    },
-                );
+                    }),
+                    pid,
+                    ..Default::default()
+                });
                 state.containers.insert(req.id.clone(), container);
                 self.claim_orphan_exit(&mut state, pid);
                 Ok(pid)
@@ -354,13 +350,10 @@ impl Inner {
         let publisher = Arc::clone(&self.publisher);
         let container_id = id.to_string();
         match cgroup::watch_oom(&cg, move || {
-            publisher.publish(
-                topics::TASK_OOM_EVENT_TOPIC,
-                &TaskOOM {
-                    container_id: container_id.clone(),
-                    ..Default::default()
-                },
-            )
+            publisher.publish(&TaskOOM {
+                container_id: container_id.clone(),
+                ..Default::default()
+            })
         }) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -409,14 +402,11 @@ impl Inner {
             if c.init.status == ProcessStatus::Created {
                 c.init.status = ProcessStatus::Running;
             }
-            self.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                &TaskStart {
-                    container_id: id.to_string(),
-                    pid,
-                    ..Default::default()
-                },
-            );
+            self.publish(&TaskStart {
+                container_id: id.to_string(),
+                pid,
+                ..Default::default()
+            });
         }
         if let Some(exit) = parked {
             self.finish_exit(&mut state, id, "", exit);
@@ -466,15 +456,12 @@ impl Inner {
                 p.pid = pid;
                 p.status = ProcessStatus::Running;
                 p.io = Some(io);
-                self.publish(
-                    topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                    &TaskExecStarted {
-                        container_id: id.to_string(),
-                        exec_id: exec_id.to_string(),
-                        pid,
-                        ..Default::default()
-                    },
-                );
+                self.publish(&TaskExecStarted {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    pid,
+                    ..Default::default()
+                });
                 self.claim_orphan_exit(&mut state, pid);
                 Ok(pid)
             }
@@ -603,21 +590,18 @@ impl Inner {
         p.status = ProcessStatus::Stopped;
         p.exit = Some((exit.status as u32, exit.at));
         let pid = p.pid;
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            &TaskExit {
-                container_id: id.to_string(),
-                id: if exec_id.is_empty() {
-                    id.to_string()
-                } else {
-                    exec_id.to_string()
-                },
-                pid,
-                exit_status: exit.status as u32,
-                exited_at: MessageField::some(timestamp(exit.at)),
-                ..Default::default()
+        self.publish(&TaskExit {
+            container_id: id.to_string(),
+            id: if exec_id.is_empty() {
+                id.to_string()
+            } else {
+                exec_id.to_string()
             },
-        );
+            pid,
+            exit_status: exit.status as u32,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        });
         self.stopped.notify_all();
     }
 
@@ -666,17 +650,14 @@ impl Inner {
             .init
             .exit
             .unwrap_or((128 + libc::SIGKILL as u32, SystemTime::now()));
-        self.publish(
-            topics::TASK_DELETE_EVENT_TOPIC,
-            &TaskDelete {
-                container_id: id.to_string(),
-                pid: c.init.pid,
-                exit_status: status,
-                exited_at: MessageField::some(timestamp(at)),
-                id: id.to_string(),
-                ..Default::default()
-            },
-        );
+        self.publish(&TaskDelete {
+            container_id: id.to_string(),
+            pid: c.init.pid,
+            exit_status: status,
+            exited_at: MessageField::some(timestamp(at)),
+            id: id.to_string(),
+            ..Default::default()
+        });
         Ok(api::DeleteResponse {
             pid: c.init.pid,
             exit_status: status,
@@ -752,14 +733,11 @@ impl Inner {
         );
         p.spec = spec;
         c.execs.insert(req.exec_id.clone(), p);
-        self.publish(
-            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
-            &TaskExecAdded {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            },
-        );
+        self.publish(&TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
         Ok(())
     }
 
@@ -932,21 +910,15 @@ impl Inner {
             c.paused = pause;
         }
         if pause {
-            self.publish(
-                topics::TASK_PAUSED_EVENT_TOPIC,
-                &TaskPaused {
-                    container_id: id.to_string(),
-                    ..Default::default()
-                },
-            );
+            self.publish(&TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            });
         } else {
-            self.publish(
-                topics::TASK_RESUMED_EVENT_TOPIC,
-                &TaskResumed {
-                    container_id: id.to_string(),
-                    ..Default::default()
-                },
-            );
+            self.publish(&TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            });
         }
         Ok(())
     }
