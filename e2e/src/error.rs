@@ -43,6 +43,19 @@ pub enum Error {
     NotFound(PathBuf),
 }
 
+impl Error {
+    /// The status code of a failed RPC, for tests that assert on it.
+    pub fn rpc_code(&self) -> Option<corral_proto::ttrpc::Code> {
+        match self {
+            Error::Ttrpc {
+                source: corral_proto::ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
 /// Result of a fixture operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -209,9 +209,12 @@ impl PodShim {
     }
 }
 
-/// Labels a ttrpc failure with the RPC that failed.
+/// Labels a ttrpc failure with the RPC that failed, keeping its status.
 pub fn rpc(what: &'static str) -> impl Fn(ttrpc::Error) -> Error {
-    move |e| Error::Protocol(format!("{what}: {e}"))
+    move |source| Error::Ttrpc {
+        context: what.to_string(),
+        source,
+    }
 }
 
 fn file_name(dir: &Path) -> Result<String> {

@@ -12,7 +12,7 @@ use std::{
 
 use corral_e2e::{
     events::Event,
-    task::{ctx, runc_options, PodShim, CONTAINER_TYPE, RPC_TIMEOUT, SANDBOX_ID},
+    task::{ctx, rpc, runc_options, PodShim, CONTAINER_TYPE, RPC_TIMEOUT, SANDBOX_ID},
     Bundle, Cleanup, EventsSink,
 };
 use corral_proto::{
@@ -567,253 +567,194 @@ fn delete_after_the_shim_was_killed_reports_137_and_cleans_up() {
     assert!(!mounted(), "the rootfs is still mounted after delete");
 }
 
-#[test]
-fn bad_requests_get_clear_codes_and_leave_the_shim_serving() {
-    let cleanup = Cleanup::new().expect("cleanup");
-    let sink = EventsSink::start_in(&cleanup).expect("events sink");
-    let pod = pod(&cleanup, &sink, "bad-sb");
-    let task = pod.task();
-    let expect_code = |what: &str, r: Result<(), ttrpc::Error>, code: Code| {
-        let err = r.expect_err(what);
-        assert_eq!(code_of(&err), code, "{what}: {err:?}");
-    };
+/// The code of a failed call, or a panic naming `what` if it succeeded.
+fn code<T: std::fmt::Debug>(what: &str, r: corral_e2e::Result<T>) -> Code {
+    let err = r.expect_err(what);
+    err.rpc_code()
+        .unwrap_or_else(|| panic!("{what}: not an RPC status: {err}"))
+}
 
-    // A running container of the pod that every failure must leave alone.
-    let good = container(&cleanup, &pod, "bad-good").args(["sleep", "1000"]);
-    create(&pod, &good, "", "");
-    start(&pod, &id_of(&good), "");
-
-    // No config.json.
-    let empty = cleanup.work_dir().join("bad-empty");
-    fs::create_dir_all(&empty).expect("mkdir");
+/// A Create of `bundle` (written as is) with `options` as runtime options.
+fn try_create(pod: &PodShim, bundle: &Path, id: &str, options: Any) -> corral_e2e::Result<u32> {
     let req = api::CreateTaskRequest {
-        id: "bad-empty".into(),
-        bundle: empty.display().to_string(),
-        options: Some(runc_options(&pod.runc_root)).into(),
+        id: id.into(),
+        bundle: bundle.display().to_string(),
+        options: Some(options).into(),
         ..Default::default()
     };
-    expect_code(
-        "no config.json",
-        task.create(ctx(), &req).map(drop),
-        Code::NOT_FOUND,
-    );
+    pod.task()
+        .create(ctx(), &req)
+        .map(|r| r.pid)
+        .map_err(rpc("create"))
+}
 
-    // A malformed config.json.
-    let malformed = cleanup.work_dir().join("bad-malformed");
-    fs::create_dir_all(&malformed).expect("mkdir");
-    fs::write(malformed.join("config.json"), "{\"ociVersion\": ").expect("write");
-    let req = api::CreateTaskRequest {
-        id: "bad-malformed".into(),
-        bundle: malformed.display().to_string(),
-        options: Some(runc_options(&pod.runc_root)).into(),
-        ..Default::default()
-    };
-    expect_code(
-        "malformed config.json",
-        task.create(ctx(), &req).map(drop),
-        Code::INVALID_ARGUMENT,
-    );
-
-    // Ids that could escape a directory.
-    let req = api::CreateTaskRequest {
-        id: "../escape".into(),
-        bundle: malformed.display().to_string(),
-        ..Default::default()
-    };
-    expect_code(
-        "id with ..",
-        task.create(ctx(), &req).map(drop),
-        Code::INVALID_ARGUMENT,
-    );
-
-    // A runtime binary that does not exist.
-    let nobin = container(&cleanup, &pod, "bad-nobin").args(["true"]);
-    nobin.write().expect("write");
-    let mut req = pod.create_request(&nobin, "", "").expect("request");
-    let options = corral_proto::containerd::shim::oci::Options {
-        binary_name: "corral-no-such-runc".into(),
-        root: pod.runc_root.display().to_string(),
-        ..Default::default()
-    };
-    req.options = Some(Any {
-        type_url: "containerd.runc.v1.Options".into(),
-        value: options.write_to_bytes().expect("encode"),
-        ..Default::default()
-    })
-    .into();
-    let err = task.create(ctx(), &req).expect_err("missing runtime");
-    assert_eq!(code_of(&err), Code::FAILED_PRECONDITION);
-    assert!(
-        format!("{err:?}").contains("corral-no-such-runc"),
-        "{err:?}"
-    );
-
-    // A process runc cannot start: runc's reason comes back, nothing stays.
-    let noexec = container(&cleanup, &pod, "bad-noexec").args(["/no/such/binary"]);
-    noexec.write().expect("write");
-    let req = pod.create_request(&noexec, "", "").expect("request");
-    let err = task.create(ctx(), &req).expect_err("missing executable");
-    assert!(format!("{err:?}").contains("/no/such/binary"), "{err:?}");
-
-    // Unknown ids, a second Create, a duplicate exec, Start out of order.
-    expect_code(
-        "state of unknown",
-        task.state(
-            ctx(),
-            &api::StateRequest {
-                id: "nope".into(),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::NOT_FOUND,
-    );
-    expect_code(
-        "start of unknown",
-        task.start(
-            ctx(),
-            &api::StartRequest {
-                id: "nope".into(),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::NOT_FOUND,
-    );
-    expect_code(
-        "kill of unknown",
-        task.kill(
-            ctx(),
-            &api::KillRequest {
-                id: "nope".into(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::NOT_FOUND,
-    );
-    expect_code(
-        "delete of unknown",
-        task.delete(
-            ctx(),
-            &api::DeleteRequest {
-                id: "nope".into(),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::NOT_FOUND,
-    );
-    let req = pod.create_request(&good, "", "").expect("request");
-    expect_code(
-        "second create",
-        task.create(ctx(), &req).map(drop),
-        Code::ALREADY_EXISTS,
-    );
-    expect_code(
-        "start of a running task",
-        task.start(
-            ctx(),
-            &api::StartRequest {
-                id: id_of(&good),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::FAILED_PRECONDITION,
-    );
-    expect_code(
-        "delete of a running task",
-        task.delete(
-            ctx(),
-            &api::DeleteRequest {
-                id: id_of(&good),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::FAILED_PRECONDITION,
-    );
-    exec(&pod, &good, "dup", &["true"], false, "", "");
-    let dup = api::ExecProcessRequest {
-        id: id_of(&good),
-        exec_id: "dup".into(),
-        spec: Some(exec_spec(&good, &["true"], false)).into(),
-        ..Default::default()
-    };
-    expect_code(
-        "duplicate exec",
-        task.exec(ctx(), &dup).map(drop),
-        Code::ALREADY_EXISTS,
-    );
-    expect_code(
-        "unknown exec",
-        task.start(
-            ctx(),
-            &api::StartRequest {
-                id: id_of(&good),
-                exec_id: "nope".into(),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::NOT_FOUND,
-    );
-    expect_code(
-        "checkpoint",
-        task.checkpoint(
-            ctx(),
-            &api::CheckpointTaskRequest {
-                id: id_of(&good),
-                ..Default::default()
-            },
-        )
-        .map(drop),
-        Code::UNIMPLEMENTED,
-    );
-    expect_code(
-        "a stdout scheme nobody speaks",
-        {
-            let bad = container(&cleanup, &pod, "bad-uri").args(["true"]);
-            bad.write().expect("write");
-            task.create(
-                ctx(),
-                &pod.create_request(&bad, "binary:///bin/logger", "")
-                    .expect("request"),
-            )
-            .map(drop)
-        },
-        Code::INVALID_ARGUMENT,
-    );
-
-    // The failures left no runc container behind, and the good one still runs.
+fn runc_list(pod: &PodShim) -> Vec<String> {
     let listed = std::process::Command::new("runc")
         .arg("--root")
         .arg(pod.runc_root.join(&pod.namespace))
         .args(["list", "-q"])
         .output()
         .expect("runc list");
-    let listed: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+    String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(str::to_string)
-        .collect();
-    assert_eq!(listed, vec![id_of(&good)]);
+        .collect()
+}
+
+#[test]
+fn bad_requests_get_clear_codes_and_leave_the_shim_serving() {
+    let cleanup = Cleanup::new().expect("cleanup");
+    let sink = EventsSink::start_in(&cleanup).expect("events sink");
+    let pod = pod(&cleanup, &sink, "bad-sb");
+    let options = runc_options(&pod.runc_root);
+
+    // A running container of the pod that every failure must leave alone.
+    let good = container(&cleanup, &pod, "bad-good").args(["sleep", "1000"]);
+    let good_id = id_of(&good);
+    pod.create_and_start(&good, "", "").expect("good container");
+
+    // Bundles the shim must refuse before runc sees them.
+    let empty = cleanup.work_dir().join("bad-empty");
+    fs::create_dir_all(&empty).expect("mkdir");
+    let malformed = cleanup.work_dir().join("bad-malformed");
+    fs::create_dir_all(&malformed).expect("mkdir");
+    fs::write(malformed.join("config.json"), "{\"ociVersion\": ").expect("write");
     assert_eq!(
-        state(&pod, &id_of(&good), "").status.enum_value(),
+        code(
+            "no config.json",
+            try_create(&pod, &empty, "bad-empty", options.clone())
+        ),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            "malformed config.json",
+            try_create(&pod, &malformed, "bad-malformed", options.clone())
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(
+            "an id with ..",
+            try_create(&pod, &malformed, "../escape", options.clone())
+        ),
+        Code::INVALID_ARGUMENT
+    );
+
+    // A runtime binary that does not exist: named in the error.
+    let nobin = container(&cleanup, &pod, "bad-nobin").args(["true"]);
+    nobin.write().expect("write");
+    let missing_runtime = corral_proto::containerd::shim::oci::Options {
+        binary_name: "corral-no-such-runc".into(),
+        root: pod.runc_root.display().to_string(),
+        ..Default::default()
+    };
+    let missing_runtime = Any {
+        type_url: "containerd.runc.v1.Options".into(),
+        value: missing_runtime.write_to_bytes().expect("encode"),
+        ..Default::default()
+    };
+    let err =
+        try_create(&pod, nobin.dir(), "bad-nobin", missing_runtime).expect_err("missing runtime");
+    assert_eq!(err.rpc_code(), Some(Code::FAILED_PRECONDITION));
+    assert!(err.to_string().contains("corral-no-such-runc"), "{err}");
+
+    // A process runc cannot start: runc's reason comes back.
+    let noexec = container(&cleanup, &pod, "bad-noexec").args(["/no/such/binary"]);
+    let err = pod
+        .create_and_start(&noexec, "", "")
+        .expect_err("missing executable");
+    assert!(err.to_string().contains("/no/such/binary"), "{err}");
+
+    // A stdout scheme nobody speaks.
+    let bad_uri = container(&cleanup, &pod, "bad-uri").args(["true"]);
+    assert_eq!(
+        code(
+            "binary:// stdout",
+            pod.create_and_start(&bad_uri, "binary:///bin/logger", "")
+        ),
+        Code::INVALID_ARGUMENT
+    );
+
+    // Unknown ids, a second Create, a duplicate exec, calls out of order.
+    assert_eq!(
+        code("start of unknown", pod.start_task("nope", "")),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code("kill of unknown", pod.kill("nope", "", libc::SIGKILL)),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code("delete of unknown", pod.delete("nope", "")),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code("wait of unknown", pod.wait("nope", "")),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            "second create",
+            try_create(&pod, good.dir(), &good_id, options.clone())
+        ),
+        Code::ALREADY_EXISTS
+    );
+    assert_eq!(
+        code("start of a running task", pod.start_task(&good_id, "")),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code("delete of a running task", pod.delete(&good_id, "")),
+        Code::FAILED_PRECONDITION
+    );
+    exec(&pod, &good, "dup", &["true"], false, "", "");
+    let dup = api::ExecProcessRequest {
+        id: good_id.clone(),
+        exec_id: "dup".into(),
+        spec: Some(exec_spec(&good, &["true"], false)).into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            "duplicate exec",
+            pod.task().exec(ctx(), &dup).map_err(rpc("exec"))
+        ),
+        Code::ALREADY_EXISTS
+    );
+    assert_eq!(
+        code("start of unknown exec", pod.start_task(&good_id, "nope")),
+        Code::NOT_FOUND
+    );
+    let checkpoint = api::CheckpointTaskRequest {
+        id: good_id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            "checkpoint",
+            pod.task()
+                .checkpoint(ctx(), &checkpoint)
+                .map_err(rpc("checkpoint"))
+        ),
+        Code::UNIMPLEMENTED
+    );
+
+    // The failures left no runc container behind, and the shim still serves.
+    assert_eq!(runc_list(&pod), vec![good_id.clone()]);
+    assert_eq!(
+        state(&pod, &good_id, "").status.enum_value(),
         Ok(Status::RUNNING)
     );
     let after = container(&cleanup, &pod, "bad-after").args(["sh", "-c", "exit 9"]);
-    after.write().expect("write");
     assert_eq!(
         pod.run_to_exit(&after, "", "")
             .expect("a good container after the bad ones"),
         9
     );
 
-    kill(&pod, &id_of(&good), "", libc::SIGKILL);
-    assert_eq!(wait(&pod, &id_of(&good), ""), 137);
-    delete(&pod, &id_of(&good), "");
+    pod.stop_and_delete(&good_id)
+        .expect("stop the good container");
     pod.shutdown().expect("shutdown");
 }
 

@@ -10,6 +10,7 @@ use corral_proto::containerd::api::Status;
 
 use crate::{
     cgroup::OomWatch,
+    error::{Error, Result},
     reaper::Exit,
     runc::Runc,
     stdio::{ProcessIo, StdioUris},
@@ -72,6 +73,7 @@ impl Process {
 }
 
 pub struct Container {
+    pub id: String,
     pub bundle: PathBuf,
     pub runc: Runc,
     /// Rootfs mounts the shim made at `<bundle>/rootfs`, undone at Delete.
@@ -100,6 +102,19 @@ impl Container {
         }
     }
 
+    /// The init (`exec_id` empty) or an exec, NotFound if there is none.
+    pub fn process_or_err(&self, exec_id: &str) -> Result<&Process> {
+        self.process(exec_id)
+            .ok_or_else(|| exec_not_found(&self.id, exec_id))
+    }
+
+    pub fn exec_mut(&mut self, exec_id: &str) -> Result<&mut Process> {
+        let id = &self.id;
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| exec_not_found(id, exec_id))
+    }
+
     /// The process with this live pid, if any: how an exit is matched.
     pub fn process_by_pid(&mut self, pid: u32) -> Option<&mut Process> {
         if self.init.pid == pid && self.init.is_live() {
@@ -109,4 +124,8 @@ impl Container {
             .values_mut()
             .find(|p| p.pid == pid && p.is_live())
     }
+}
+
+fn exec_not_found(id: &str, exec_id: &str) -> Error {
+    Error::NotFound(format!("exec {exec_id} of container {id} not found"))
 }

@@ -186,6 +186,18 @@ fn check_id(id: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+impl State {
+    fn container(&self, id: &str) -> Result<&Container> {
+        self.containers.get(id).ok_or_else(|| Inner::not_found(id))
+    }
+
+    fn container_mut(&mut self, id: &str) -> Result<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| Inner::not_found(id))
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
@@ -193,10 +205,6 @@ impl Inner {
 
     fn not_found(id: &str) -> Error {
         Error::NotFound(format!("container {id} not found"))
-    }
-
-    fn exec_not_found(id: &str, exec_id: &str) -> Error {
-        Error::NotFound(format!("exec {exec_id} of container {id} not found"))
     }
 
     fn publish<E: TaskEvent>(&self, event: &E) {
@@ -269,6 +277,7 @@ impl Inner {
             Ok(init) => {
                 let oom = self.watch_oom(&req.id, init.pid);
                 Ok(Container {
+                    id: req.id.clone(),
                     bundle,
                     runc,
                     mounted_rootfs,
@@ -376,10 +385,7 @@ impl Inner {
     fn start_init(&self, id: &str) -> Result<u32> {
         let runc = {
             let mut state = self.lock();
-            let c = state
-                .containers
-                .get_mut(id)
-                .ok_or_else(|| Self::not_found(id))?;
+            let c = state.container_mut(id)?;
             if c.init.status != ProcessStatus::Created || c.init.starting {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is not in the created state"
@@ -391,10 +397,7 @@ impl Inner {
         };
         let started = runc.start(&self.reaper, id);
         let mut state = self.lock();
-        let c = state
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| Self::not_found(id))?;
+        let c = state.container_mut(id)?;
         c.init.starting = false;
         let parked = c.init.parked_exit.take();
         let pid = c.init.pid;
@@ -418,10 +421,7 @@ impl Inner {
     fn start_exec(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
         let (runc, bundle, spec, uris) = {
             let mut state = self.lock();
-            let c = state
-                .containers
-                .get_mut(id)
-                .ok_or_else(|| Self::not_found(id))?;
+            let c = state.container_mut(id)?;
             if c.init.status != ProcessStatus::Running {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is not running"
@@ -429,10 +429,7 @@ impl Inner {
             }
             let runc = c.runc.clone();
             let bundle = c.bundle.clone();
-            let p = c
-                .execs
-                .get_mut(exec_id)
-                .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+            let p = c.exec_mut(exec_id)?;
             if p.status != ProcessStatus::Added {
                 return Err(Error::FailedPrecondition(format!(
                     "exec {exec_id} was already started"
@@ -445,14 +442,8 @@ impl Inner {
         match self.launch_exec(id, exec_id, &runc, &bundle, &spec, &uris) {
             Ok((pid, io)) => {
                 let mut state = self.lock();
-                let c = state
-                    .containers
-                    .get_mut(id)
-                    .ok_or_else(|| Self::not_found(id))?;
-                let p = c
-                    .execs
-                    .get_mut(exec_id)
-                    .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+                let c = state.container_mut(id)?;
+                let p = c.exec_mut(exec_id)?;
                 p.pid = pid;
                 p.status = ProcessStatus::Running;
                 p.io = Some(io);
@@ -623,10 +614,7 @@ impl Inner {
         }
         let (runc, bundle) = {
             let state = self.lock();
-            let c = state
-                .containers
-                .get(id)
-                .ok_or_else(|| Self::not_found(id))?;
+            let c = state.container(id)?;
             if c.init.status == ProcessStatus::Running {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is running: kill it before Delete"
@@ -668,23 +656,15 @@ impl Inner {
 
     fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
         let mut state = self.lock();
-        let c = state
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| Self::not_found(id))?;
-        let p = c
-            .execs
-            .get(exec_id)
-            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
-        if p.is_live() {
+        let c = state.container_mut(id)?;
+        if c.exec_mut(exec_id)?.is_live() {
             return Err(Error::FailedPrecondition(format!(
                 "exec {exec_id} of container {id} is running: kill it before Delete"
             )));
         }
-        let p = c
-            .execs
-            .remove(exec_id)
-            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let Some(p) = c.execs.remove(exec_id) else {
+            return Err(Error::Internal(format!("exec {exec_id} of {id} vanished")));
+        };
         let (status, at) = p.exit.unwrap_or((0, SystemTime::now()));
         Ok(api::DeleteResponse {
             pid: p.pid,
@@ -712,10 +692,7 @@ impl Inner {
             ))
         })?;
         let mut state = self.lock();
-        let c = state
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| Self::not_found(&req.id))?;
+        let c = state.container_mut(&req.id)?;
         if c.execs.contains_key(&req.exec_id) {
             return Err(Error::AlreadyExists(format!(
                 "exec {} of container {} already exists",
@@ -743,13 +720,8 @@ impl Inner {
 
     fn state(&self, id: &str, exec_id: &str) -> Result<api::StateResponse> {
         let state = self.lock();
-        let c = state
-            .containers
-            .get(id)
-            .ok_or_else(|| Self::not_found(id))?;
-        let p = c
-            .process(exec_id)
-            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let c = state.container(id)?;
+        let p = c.process_or_err(exec_id)?;
         let (exit_status, exited_at) = match p.exit {
             Some((status, at)) => (status, MessageField::some(timestamp(at))),
             None => (0, MessageField::none()),
@@ -773,13 +745,8 @@ impl Inner {
     fn kill(&self, req: &api::KillRequest) -> Result<()> {
         let (runc, pid) = {
             let state = self.lock();
-            let c = state
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| Self::not_found(&req.id))?;
-            let p = c
-                .process(&req.exec_id)
-                .ok_or_else(|| Self::exec_not_found(&req.id, &req.exec_id))?;
+            let c = state.container(&req.id)?;
+            let p = c.process_or_err(&req.exec_id)?;
             let kill_all_of_init = req.exec_id.is_empty() && req.all;
             let finished = !(p.is_live() || kill_all_of_init);
             if finished {
@@ -822,13 +789,8 @@ impl Inner {
     fn wait(&self, id: &str, exec_id: &str) -> Result<api::WaitResponse> {
         let mut state = self.lock();
         loop {
-            let c = state
-                .containers
-                .get(id)
-                .ok_or_else(|| Self::not_found(id))?;
-            let p = c
-                .process(exec_id)
-                .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+            let c = state.container(id)?;
+            let p = c.process_or_err(exec_id)?;
             if let (ProcessStatus::Stopped, Some((status, at))) = (p.status, p.exit) {
                 return Ok(api::WaitResponse {
                     exit_status: status,
@@ -846,10 +808,7 @@ impl Inner {
     fn pids(&self, id: &str) -> Result<api::PidsResponse> {
         let (runc, execs) = {
             let state = self.lock();
-            let c = state
-                .containers
-                .get(id)
-                .ok_or_else(|| Self::not_found(id))?;
+            let c = state.container(id)?;
             let execs: HashMap<u32, String> = c
                 .execs
                 .values()
@@ -889,10 +848,7 @@ impl Inner {
     fn pause(&self, id: &str, pause: bool) -> Result<()> {
         let runc = {
             let state = self.lock();
-            let c = state
-                .containers
-                .get(id)
-                .ok_or_else(|| Self::not_found(id))?;
+            let c = state.container(id)?;
             if c.init.status != ProcessStatus::Running {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is not running"
@@ -940,10 +896,7 @@ impl Inner {
         )?;
         let runc = {
             let state = self.lock();
-            let c = state
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| Self::not_found(&req.id))?;
+            let c = state.container(&req.id)?;
             if !c.init.is_live() {
                 return Err(Error::FailedPrecondition(format!(
                     "container {} is not running",
@@ -958,10 +911,7 @@ impl Inner {
     fn stats(&self, id: &str) -> Result<api::StatsResponse> {
         let pid = {
             let state = self.lock();
-            let c = state
-                .containers
-                .get(id)
-                .ok_or_else(|| Self::not_found(id))?;
+            let c = state.container(id)?;
             if !c.init.is_live() {
                 return Err(Error::FailedPrecondition(format!(
                     "container {id} is not running"
@@ -984,13 +934,8 @@ impl Inner {
         f: impl FnOnce(&crate::stdio::ProcessIo) -> Result<T>,
     ) -> Result<T> {
         let state = self.lock();
-        let c = state
-            .containers
-            .get(id)
-            .ok_or_else(|| Self::not_found(id))?;
-        let p = c
-            .process(exec_id)
-            .ok_or_else(|| Self::exec_not_found(id, exec_id))?;
+        let c = state.container(id)?;
+        let p = c.process_or_err(exec_id)?;
         let io = p.io.as_ref().ok_or_else(|| {
             Error::FailedPrecondition(format!("process {exec_id:?} of {id} has not started"))
         })?;
