@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod handlers;
 pub mod id;
+pub mod image;
 pub mod shim_manager;
 pub mod task_client;
 pub mod task_service;
