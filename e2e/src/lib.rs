@@ -13,6 +13,7 @@
 //! - [`events`]: containerd's ttrpc events service, recording what a shim publishes.
 //! - [`shim`]: starting, connecting to and deleting a runtime v2 shim.
 //! - [`task`]: a pod's shim driven through the task API, as a daemon drives it.
+//! - [`runtime`]: corral's runtime layer (TaskService) over real shims.
 
 pub mod bin;
 pub mod bundle;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod events;
 pub mod rootfs;
 pub mod runc;
+pub mod runtime;
 pub mod shim;
 pub mod task;
 pub mod unique;

@@ -26,6 +26,7 @@ const ADDRESS: &str = "address";
 const SHIM_BINARY_PATH: &str = "shim-binary-path";
 const LOG: &str = "log";
 const WORK_LINK: &str = "work";
+const SHIM_PID: &str = "shim.pid";
 
 /// The shim's answer to `start`, kept so a new daemon can reconnect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +220,16 @@ impl Bundle {
             Err(e) if e.kind() == ErrorKind::NotFound => Bootstrap::parse(&self.read(ADDRESS)?),
             Err(e) => Err(Error::io("read", self.path.join(BOOTSTRAP), e)),
         }
+    }
+
+    pub fn write_shim_pid(&self, pid: u32) -> Result<()> {
+        self.write(SHIM_PID, pid.to_string().as_bytes())
+    }
+
+    /// The shim's pid, if it was recorded and is readable.
+    pub fn read_shim_pid(&self) -> Option<u32> {
+        let bytes = self.read(SHIM_PID).ok()?;
+        String::from_utf8_lossy(&bytes).trim().parse().ok().filter(|p| *p > 0)
     }
 
     pub fn write_shim_binary(&self, path: &Path) -> Result<()> {

@@ -185,6 +185,13 @@ impl ShimManager {
         bundle.write_bootstrap(&bootstrap)?;
         bundle.write_shim_binary(binary)?;
         let client = self.connect(&bootstrap, binary).await?;
+        let connected = client
+            .connect_info(&ConnectRequest {
+                id: bundle.id.clone(),
+                ..Default::default()
+            })
+            .await?;
+        bundle.write_shim_pid(connected.shim_pid)?;
         Ok(Arc::new(ShimTask {
             bundle: bundle.clone(),
             bootstrap,
@@ -243,6 +250,7 @@ impl ShimManager {
     /// synthetic TaskExit and TaskDelete events, the bundle removed).
     pub async fn reattach(self: &Arc<Self>) -> Result<Reattached> {
         let found = Bundle::list(&self.config.state)?;
+        self.remove_orphan_work_dirs(&found);
         let limit = Arc::new(tokio::sync::Semaphore::new(REATTACH_PARALLELISM));
         let mut jobs = tokio::task::JoinSet::new();
         for (namespace, id) in found {
@@ -280,7 +288,13 @@ impl ShimManager {
                 )));
             }
         };
-        if let Ok(client) = self.connect_alive(&bootstrap, &binary, id).await {
+        let alive = self.connect_alive(&bootstrap, &binary, id).await;
+        if let Err(Error::Timeout(_)) = &alive {
+            // Connected but silent: a hung shim. Its task cannot be served;
+            // stop it before its `delete` cleans up after it.
+            kill_shim(&bundle, &binary);
+        }
+        if let Ok(client) = alive {
             let log_copier = copy_shim_log(&bundle).ok();
             let task = Arc::new(ShimTask {
                 bundle,
@@ -293,6 +307,23 @@ impl ShimManager {
             return Ok(None);
         }
         Ok(Some(self.cleanup_dead(&bundle, &binary).await))
+    }
+
+    /// Work dirs whose bundle is gone (the state dir did not survive a
+    /// reboot) belong to no task any more.
+    fn remove_orphan_work_dirs(&self, bundles: &[(String, String)]) {
+        let Ok(orphans) = Bundle::list(&self.config.root) else {
+            return;
+        };
+        for (namespace, id) in orphans {
+            if !bundles.iter().any(|(n, i)| *n == namespace && *i == id) {
+                let dir = self.config.root.join(&namespace).join(&id);
+                tracing::info!(task = %key(&namespace, &id), "removing work dir of a vanished task");
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(path = %dir.display(), error = %e, "removing work dir");
+                }
+            }
+        }
     }
 
     /// Connects and checks that the shim still knows the task.
@@ -429,15 +460,17 @@ impl ShimManager {
             .spawn()
             .map_err(|e| Error::shim(&shim, format!("run {}: {e}", binary.display())))?;
         let pgid = child.id();
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            use tokio::io::AsyncWriteExt;
-            // A shim that does not read its stdin is judged by its reply.
-            let _ = pipe.write_all(&input).await;
-        }
+        let mut pipe = child.stdin.take();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let run = async {
+            if let (Some(input), Some(pipe)) = (stdin, pipe.as_mut()) {
+                use tokio::io::AsyncWriteExt;
+                // A shim that does not read its stdin is judged by its reply.
+                let _ = pipe.write_all(&input).await;
+            }
+            drop(pipe.take());
             let read_out = async {
                 if let Some(s) = stdout.as_mut() {
                     let _ = s.read_to_end(&mut out).await;
@@ -495,6 +528,23 @@ impl ShimManager {
                     format!("binary {name} not found for runtime {runtime}"),
                 )
             })
+    }
+}
+
+/// Kills the shim recorded in the bundle, if that pid still runs `binary`
+/// (a recycled pid is someone else's process).
+fn kill_shim(bundle: &Bundle, binary: &Path) {
+    let Some(pid) = bundle.read_shim_pid() else {
+        return;
+    };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let same = exe
+        .as_deref()
+        .and_then(|e| std::fs::canonicalize(binary).ok().map(|b| b == e))
+        .unwrap_or(false);
+    if same {
+        tracing::warn!(task = %key(&bundle.namespace, &bundle.id), pid, "killing a shim that does not answer");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Publisher {
 struct Queue {
     events: Mutex<VecDeque<Envelope>>,
     ready: Condvar,
+    /// Notified each time an event was delivered.
+    drained: Condvar,
 }
 
 impl Publisher {
@@ -50,6 +52,7 @@ impl Publisher {
         let queue = Arc::new(Queue {
             events: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
+            drained: Condvar::new(),
         });
         let worker = Arc::clone(&queue);
         let address = address.to_string();
@@ -61,6 +64,26 @@ impl Publisher {
             queue,
             namespace: namespace.to_string(),
         })
+    }
+
+    /// Waits until every queued event is delivered, at most `timeout`: the
+    /// last events of a shim that is shutting down (a task's exit and
+    /// delete) must reach the daemon, but a daemon that is away must not
+    /// keep the shim alive.
+    pub fn flush(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut events = lock(&self.queue.events);
+        while !events.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                log::warn!("shutting down with {} undelivered events", events.len());
+                return;
+            }
+            events = match self.queue.drained.wait_timeout(events, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
     }
 
     pub fn publish<E: TaskEvent>(&self, event: &E) {
@@ -141,6 +164,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn send_loop(address: &str, queue: &Queue) {
     let mut client: Option<EventsClient> = None;
     let mut backoff = Duration::from_millis(50);
+    let mut failed_last = false;
     loop {
         let envelope = {
             let mut events = lock(&queue.events);
@@ -181,13 +205,22 @@ fn send_loop(address: &str, queue: &Queue) {
             }
             Err(e) => {
                 // Keep the event at the head: it is resent on the next
-                // connection, so order holds across a daemon restart.
+                // connection, so order holds across a daemon restart. A
+                // connection that broke since the last event (the daemon
+                // restarted) is redialled at once; only a second failure
+                // in a row backs off.
                 log::debug!("events: forward to {address}: {e}");
                 client = None;
-                thread::sleep(backoff);
-                backoff = (backoff * 2).min(RETRY_MAX);
+                if failed_last {
+                    thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                failed_last = true;
+                continue;
             }
         }
+        failed_last = false;
+        queue.drained.notify_all();
     }
 }
 

@@ -23,6 +23,8 @@ use crate::{
 };
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a shutting-down shim tries to deliver its last events.
+const EVENT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn run(flags: &Flags) -> Result<()> {
     if flags.socket.is_empty() {
@@ -75,6 +77,7 @@ pub fn run(flags: &Flags) -> Result<()> {
 
     exit_signal.wait();
     log::info!("shutting down");
+    service.flush_events(EVENT_FLUSH);
     // Let the Shutdown reply go out, but never hang on a connection that
     // does not close: ttrpc's shutdown waits for every one.
     let (done_tx, done_rx) = std::sync::mpsc::channel();

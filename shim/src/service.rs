@@ -161,6 +161,11 @@ impl Service {
     pub fn log(&self) -> LogService {
         LogService(Arc::clone(&self.inner))
     }
+
+    /// Delivers the events still queued, at most `timeout`.
+    pub fn flush_events(&self, timeout: std::time::Duration) {
+        self.inner.publisher.flush(timeout);
+    }
 }
 
 /// The ttrpc face of the task API.
