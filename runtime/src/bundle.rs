@@ -229,7 +229,11 @@ impl Bundle {
     /// The shim's pid, if it was recorded and is readable.
     pub fn read_shim_pid(&self) -> Option<u32> {
         let bytes = self.read(SHIM_PID).ok()?;
-        String::from_utf8_lossy(&bytes).trim().parse().ok().filter(|p| *p > 0)
+        String::from_utf8_lossy(&bytes)
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
     }
 
     pub fn write_shim_binary(&self, path: &Path) -> Result<()> {

@@ -544,7 +544,10 @@ fn kill_shim(bundle: &Bundle, binary: &Path) {
         .unwrap_or(false);
     if same {
         tracing::warn!(task = %key(&bundle.namespace, &bundle.id), pid, "killing a shim that does not answer");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
