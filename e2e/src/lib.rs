@@ -13,11 +13,13 @@
 //! - [`events`]: containerd's ttrpc events service, recording what a shim publishes.
 //! - [`shim`]: starting, connecting to and deleting a runtime v2 shim.
 //! - [`task`]: a pod's shim driven through the task API, as a daemon drives it.
+//! - [`cri`]: corrald started with a test's config, and a CRI client on its socket.
 //! - [`runtime`]: corral's runtime layer (TaskService) over real shims.
 
 pub mod bin;
 pub mod bundle;
 pub mod cleanup;
+pub mod cri;
 pub mod error;
 pub mod events;
 pub mod rootfs;

@@ -1,0 +1,232 @@
+//! The one place where errors become gRPC statuses.
+//!
+//! kubelet and crictl act on the code (they retry Unavailable, treat
+//! NotFound on Stop/Remove as done, surface InvalidArgument to the user), so
+//! every failure keeps its kind from the runtime layer up to the wire. RPC
+//! handlers return [`Error`]; `?` turns it into a [`tonic::Status`] through
+//! the `From` impl below, and nothing else in the crate builds a status.
+
+use std::path::PathBuf;
+
+use corral_proto::protobuf::Enum;
+use tonic::{Code, Status};
+
+use crate::config::ConfigError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a CRI RPC returns.
+pub type RpcResult<T> = std::result::Result<tonic::Response<T>, Status>;
+
+/// The answer of an RPC a later slice implements: `Unimplemented`, naming
+/// the RPC, so that a client learns which call is missing.
+pub fn not_yet<T>(rpc: &'static str) -> RpcResult<T> {
+    Err(Error::Unimplemented(rpc).into())
+}
+
+/// What can go wrong in the daemon: while starting (configuration, socket)
+/// or while serving an RPC.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    #[error(transparent)]
+    Runtime(#[from] corral_runtime::Error),
+
+    /// The RPC exists in CRI v1 but corrald does not serve it yet.
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+
+    /// A request field the daemon itself rejects; the message names it.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// Another process answers on the socket: two daemons must not share
+    /// one root and one socket.
+    #[error("another corrald is already serving on {0}; refusing to start")]
+    SocketInUse(PathBuf),
+
+    /// Something other than a socket sits where the socket goes; it is not
+    /// ours to delete.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("serving CRI on {path}: {source}")]
+    Serve {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+impl Error {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match err {
+            Error::Runtime(e) => runtime_status(&e),
+            Error::Unimplemented(_) => Status::unimplemented(err.to_string()),
+            Error::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
+            // Startup failures never reach a client; should one be raised
+            // while serving, it is the daemon's own fault, not the caller's.
+            Error::Config(_)
+            | Error::SocketInUse(_)
+            | Error::NotASocket(_)
+            | Error::Io { .. }
+            | Error::Serve { .. } => Status::internal(err.to_string()),
+        }
+    }
+}
+
+/// The status for a runtime-layer error. Its message already names the
+/// object (the id, the shim, the path), so it is passed on unchanged.
+pub fn runtime_status(err: &corral_runtime::Error) -> Status {
+    use corral_runtime::Error as E;
+    let code = match err {
+        E::InvalidArgument(_) => Code::InvalidArgument,
+        E::NotFound(_) => Code::NotFound,
+        E::AlreadyExists(_) => Code::AlreadyExists,
+        E::FailedPrecondition(_) => Code::FailedPrecondition,
+        E::Unimplemented(_) => Code::Unimplemented,
+        E::Timeout(_) => Code::DeadlineExceeded,
+        // The shim could not be started or reached: the pod's process is
+        // not (yet) serving, which a retry may fix.
+        E::Shim { .. } => Code::Unavailable,
+        // The shim answered with a status of its own; ttrpc and gRPC share
+        // code numbers, so its meaning (Unavailable, ResourceExhausted...)
+        // goes through. A shim that failed with "OK" is a shim bug.
+        E::ShimRpc { code, .. } => match Code::from_i32(code.value()) {
+            Code::Ok => Code::Internal,
+            other => other,
+        },
+        E::Io { .. } | E::Internal(_) => Code::Internal,
+    };
+    Status::new(code, err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::ttrpc;
+    use corral_runtime::Error as R;
+
+    fn status(err: R) -> Status {
+        Status::from(Error::from(err))
+    }
+
+    #[test]
+    fn runtime_errors_keep_their_kind_and_message() {
+        let cases = [
+            (
+                R::InvalidArgument("bad id \"a/b\"".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                R::NotFound("container abc not found".into()),
+                Code::NotFound,
+            ),
+            (
+                R::AlreadyExists("pod web exists".into()),
+                Code::AlreadyExists,
+            ),
+            (
+                R::FailedPrecondition("container abc is running".into()),
+                Code::FailedPrecondition,
+            ),
+            (R::Unimplemented("checkpoint".into()), Code::Unimplemented),
+            (
+                R::Timeout("stop of container abc".into()),
+                Code::DeadlineExceeded,
+            ),
+            (R::Internal("metadata store corrupt".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let status = status(err);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+
+    #[test]
+    fn an_unreachable_shim_is_unavailable_and_named() {
+        let status = status(R::shim("pod-1234", "connection refused"));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("pod-1234"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn a_shim_status_code_goes_through() {
+        let rpc = |code| R::ShimRpc {
+            shim: "pod-1".into(),
+            method: "Kill",
+            code,
+            status: "boom".into(),
+        };
+        assert_eq!(
+            status(rpc(ttrpc::Code::DEADLINE_EXCEEDED)).code(),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            status(rpc(ttrpc::Code::UNAVAILABLE)).code(),
+            Code::Unavailable
+        );
+        assert_eq!(status(rpc(ttrpc::Code::INTERNAL)).code(), Code::Internal);
+        assert_eq!(status(rpc(ttrpc::Code::OK)).code(), Code::Internal);
+        let msg = status(rpc(ttrpc::Code::UNKNOWN)).message().to_string();
+        assert!(msg.contains("Kill") && msg.contains("pod-1"), "{msg}");
+    }
+
+    #[test]
+    fn io_errors_are_internal_and_name_the_path() {
+        let err = R::io(
+            "create bundle",
+            "/run/corral/x",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        let status = status(err);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("/run/corral/x"));
+    }
+
+    #[test]
+    fn daemon_errors_map_too() {
+        let s = Status::from(Error::Unimplemented("RunPodSandbox"));
+        assert_eq!(s.code(), Code::Unimplemented);
+        assert_eq!(s.message(), "RunPodSandbox is not implemented yet");
+
+        let s = Status::from(Error::InvalidArgument(
+            "pod CIDR \"x\" is not a CIDR".into(),
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+
+        let s = Status::from(Error::io(
+            "read",
+            "/etc/cni/net.d",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        ));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().contains("/etc/cni/net.d"));
+    }
+}

@@ -1,0 +1,489 @@
+//! CRI v1 `RuntimeService`: what kubelet asks of the runtime about pods and
+//! containers.
+//!
+//! This module owns the translation of RuntimeService requests into corral's
+//! terms and back. This slice answers the node-level RPCs (Version, Status,
+//! RuntimeConfig, UpdateRuntimeConfig); every pod and container RPC answers
+//! `Unimplemented`, naming itself, until the slices that implement it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use corral_runtime::handlers::Handlers;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use tonic::{Request, Response};
+
+use crate::cni::{self, NetworkStatus};
+use crate::config::{CgroupDriver, Config};
+use crate::error::{not_yet, Error, Result, RpcResult};
+
+/// Condition types kubelet requires (cri-api `RuntimeReady`, `NetworkReady`).
+pub const RUNTIME_READY: &str = "RuntimeReady";
+pub const NETWORK_READY: &str = "NetworkReady";
+/// The reason kubelet shows on the node while pods cannot get a network;
+/// the string containerd and CRI-O use, which operators search for.
+pub const NETWORK_NOT_READY_REASON: &str = "NetworkPluginNotReady";
+
+/// The RuntimeService of one daemon.
+pub struct CriRuntimeService {
+    config: Arc<Config>,
+    handlers: Handlers,
+    /// Set by kubelet through UpdateRuntimeConfig; empty until then. Kept for
+    /// CNI configurations that ask for the node's pod range.
+    pod_cidr: RwLock<String>,
+}
+
+impl CriRuntimeService {
+    /// Fails when a configured runtime handler is invalid; [`Config::load`]
+    /// has already checked that, so this only guards configs built in code.
+    pub fn new(config: Arc<Config>) -> Result<Self> {
+        let handlers = config.handlers()?;
+        Ok(CriRuntimeService {
+            config,
+            handlers,
+            pod_cidr: RwLock::new(String::new()),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn handlers(&self) -> &Handlers {
+        &self.handlers
+    }
+
+    /// The pod CIDR(s) kubelet last sent, comma-separated; empty if none.
+    pub fn pod_cidr(&self) -> String {
+        // A panic elsewhere while holding the lock leaves a plain string that
+        // is still valid: use it rather than fail every later call.
+        self.pod_cidr
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_pod_cidr(&self, cidr: String) {
+        *self.pod_cidr.write().unwrap_or_else(|e| e.into_inner()) = cidr;
+    }
+
+    fn network_condition(&self) -> (cri::RuntimeCondition, String) {
+        match cni::network_status(&self.config.cni.conf_dir) {
+            NetworkStatus::Ready { file, name } => (
+                cri::RuntimeCondition {
+                    r#type: NETWORK_READY.into(),
+                    status: true,
+                    ..Default::default()
+                },
+                format!("OK: network {name:?} from {}", file.display()),
+            ),
+            NetworkStatus::NotReady { message } => (
+                cri::RuntimeCondition {
+                    r#type: NETWORK_READY.into(),
+                    status: false,
+                    reason: NETWORK_NOT_READY_REASON.into(),
+                    message: format!("Network plugin returns error: {message}"),
+                },
+                message,
+            ),
+        }
+    }
+
+    /// The `info` map of a verbose Status. `config` mirrors containerd's key
+    /// of the same name: critest reads `config.stateDir` from it.
+    fn verbose_info(&self, cni_status: String) -> HashMap<String, String> {
+        let c = &self.config;
+        let config = serde_json::json!({
+            "socket": c.socket,
+            "rootDir": c.root,
+            "stateDir": c.state,
+            "cgroupDriver": c.cgroup_driver.as_str(),
+            "sandboxImage": c.sandbox_image,
+            "cni": { "confDir": c.cni.conf_dir, "binDirs": c.cni.bin_dirs },
+            "streaming": { "address": c.streaming.address, "port": c.streaming.port },
+            "runtimeHandlers": c.handler_names(),
+            "podCIDR": self.pod_cidr(),
+        });
+        HashMap::from([
+            ("config".to_string(), config.to_string()),
+            (
+                "lastCNILoadStatus".to_string(),
+                serde_json::Value::String(cni_status).to_string(),
+            ),
+        ])
+    }
+}
+
+/// Checks kubelet's pod CIDR: one CIDR, or an IPv4 and an IPv6 one
+/// comma-separated (dual stack).
+fn validate_pod_cidr(cidr: &str) -> Result<()> {
+    let bad = |why: &str| Error::InvalidArgument(format!("pod CIDR {cidr:?}: {why}"));
+    for part in cidr.split(',') {
+        let (addr, prefix) = part
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("not of the form ADDRESS/PREFIX"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad("prefix is not a number"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad("prefix is too long"));
+        }
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl RuntimeService for CriRuntimeService {
+    async fn version(
+        &self,
+        request: Request<cri::VersionRequest>,
+    ) -> RpcResult<cri::VersionResponse> {
+        tracing::debug!(kubelet_api = %request.get_ref().version, "Version");
+        Ok(Response::new(cri::VersionResponse {
+            version: crate::KUBE_RUNTIME_API_VERSION.into(),
+            runtime_name: crate::RUNTIME_NAME.into(),
+            runtime_version: crate::RUNTIME_VERSION.into(),
+            runtime_api_version: crate::RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    async fn status(&self, request: Request<cri::StatusRequest>) -> RpcResult<cri::StatusResponse> {
+        let runtime = cri::RuntimeCondition {
+            r#type: RUNTIME_READY.into(),
+            status: true,
+            ..Default::default()
+        };
+        // A few small files: cheap enough to read on the async thread, and
+        // reading them on every call is what makes a newly dropped config
+        // count at once.
+        let (network, cni_status) = self.network_condition();
+        let info = if request.get_ref().verbose {
+            self.verbose_info(cni_status)
+        } else {
+            HashMap::new()
+        };
+        let runtime_handlers = self
+            .config
+            .handler_names()
+            .into_iter()
+            .map(|name| cri::RuntimeHandler {
+                name,
+                // Neither is implemented yet; claiming them would make the
+                // conformance suite run tests that must then fail.
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            })
+            .collect();
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![runtime, network],
+            }),
+            info,
+            runtime_handlers,
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<cri::RuntimeConfigRequest>,
+    ) -> RpcResult<cri::RuntimeConfigResponse> {
+        let driver = match self.config.cgroup_driver {
+            CgroupDriver::Systemd => cri::CgroupDriver::Systemd,
+            CgroupDriver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+        };
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: driver as i32,
+            }),
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        request: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> RpcResult<cri::UpdateRuntimeConfigResponse> {
+        let cidr = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        // kubelet sends an empty CIDR when it has none to give; that must
+        // not erase one it sent before.
+        if !cidr.is_empty() {
+            validate_pod_cidr(&cidr)?;
+            tracing::info!(pod_cidr = %cidr, "pod CIDR updated");
+            self.set_pod_cidr(cidr);
+        }
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    type GetContainerEventsStream = tonic::codegen::BoxStream<cri::ContainerEventResponse>;
+
+    async fn get_container_events(
+        &self,
+        _request: Request<cri::GetEventsRequest>,
+    ) -> RpcResult<Self::GetContainerEventsStream> {
+        not_yet("GetContainerEvents")
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _request: Request<cri::RunPodSandboxRequest>,
+    ) -> RpcResult<cri::RunPodSandboxResponse> {
+        not_yet("RunPodSandbox")
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        _request: Request<cri::StopPodSandboxRequest>,
+    ) -> RpcResult<cri::StopPodSandboxResponse> {
+        not_yet("StopPodSandbox")
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        _request: Request<cri::RemovePodSandboxRequest>,
+    ) -> RpcResult<cri::RemovePodSandboxResponse> {
+        not_yet("RemovePodSandbox")
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        _request: Request<cri::PodSandboxStatusRequest>,
+    ) -> RpcResult<cri::PodSandboxStatusResponse> {
+        not_yet("PodSandboxStatus")
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        _request: Request<cri::ListPodSandboxRequest>,
+    ) -> RpcResult<cri::ListPodSandboxResponse> {
+        not_yet("ListPodSandbox")
+    }
+
+    async fn create_container(
+        &self,
+        _request: Request<cri::CreateContainerRequest>,
+    ) -> RpcResult<cri::CreateContainerResponse> {
+        not_yet("CreateContainer")
+    }
+
+    async fn start_container(
+        &self,
+        _request: Request<cri::StartContainerRequest>,
+    ) -> RpcResult<cri::StartContainerResponse> {
+        not_yet("StartContainer")
+    }
+
+    async fn stop_container(
+        &self,
+        _request: Request<cri::StopContainerRequest>,
+    ) -> RpcResult<cri::StopContainerResponse> {
+        not_yet("StopContainer")
+    }
+
+    async fn remove_container(
+        &self,
+        _request: Request<cri::RemoveContainerRequest>,
+    ) -> RpcResult<cri::RemoveContainerResponse> {
+        not_yet("RemoveContainer")
+    }
+
+    async fn list_containers(
+        &self,
+        _request: Request<cri::ListContainersRequest>,
+    ) -> RpcResult<cri::ListContainersResponse> {
+        not_yet("ListContainers")
+    }
+
+    async fn container_status(
+        &self,
+        _request: Request<cri::ContainerStatusRequest>,
+    ) -> RpcResult<cri::ContainerStatusResponse> {
+        not_yet("ContainerStatus")
+    }
+
+    async fn update_container_resources(
+        &self,
+        _request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> RpcResult<cri::UpdateContainerResourcesResponse> {
+        not_yet("UpdateContainerResources")
+    }
+
+    async fn reopen_container_log(
+        &self,
+        _request: Request<cri::ReopenContainerLogRequest>,
+    ) -> RpcResult<cri::ReopenContainerLogResponse> {
+        not_yet("ReopenContainerLog")
+    }
+
+    async fn exec_sync(
+        &self,
+        _request: Request<cri::ExecSyncRequest>,
+    ) -> RpcResult<cri::ExecSyncResponse> {
+        not_yet("ExecSync")
+    }
+
+    async fn exec(&self, _request: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
+        not_yet("Exec")
+    }
+
+    async fn attach(
+        &self,
+        _request: Request<cri::AttachRequest>,
+    ) -> RpcResult<cri::AttachResponse> {
+        not_yet("Attach")
+    }
+
+    async fn port_forward(
+        &self,
+        _request: Request<cri::PortForwardRequest>,
+    ) -> RpcResult<cri::PortForwardResponse> {
+        not_yet("PortForward")
+    }
+
+    async fn container_stats(
+        &self,
+        _request: Request<cri::ContainerStatsRequest>,
+    ) -> RpcResult<cri::ContainerStatsResponse> {
+        not_yet("ContainerStats")
+    }
+
+    async fn list_container_stats(
+        &self,
+        _request: Request<cri::ListContainerStatsRequest>,
+    ) -> RpcResult<cri::ListContainerStatsResponse> {
+        not_yet("ListContainerStats")
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _request: Request<cri::PodSandboxStatsRequest>,
+    ) -> RpcResult<cri::PodSandboxStatsResponse> {
+        not_yet("PodSandboxStats")
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> RpcResult<cri::ListPodSandboxStatsResponse> {
+        not_yet("ListPodSandboxStats")
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _request: Request<cri::CheckpointContainerRequest>,
+    ) -> RpcResult<cri::CheckpointContainerResponse> {
+        not_yet("CheckpointContainer")
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _request: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> RpcResult<cri::ListMetricDescriptorsResponse> {
+        not_yet("ListMetricDescriptors")
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _request: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> RpcResult<cri::ListPodSandboxMetricsResponse> {
+        not_yet("ListPodSandboxMetrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(yaml: &str) -> CriRuntimeService {
+        let config = Config::from_yaml(yaml, "test").expect("config");
+        CriRuntimeService::new(Arc::new(config)).expect("service")
+    }
+
+    #[test]
+    fn pod_cidrs_are_checked() {
+        for ok in ["10.88.0.0/16", "10.0.0.0/24,fd00::/64", "fd00::/128"] {
+            validate_pod_cidr(ok).expect(ok);
+        }
+        for bad in [
+            "10.88.0.0",
+            "10.88.0.0/33",
+            "x/8",
+            "10.0.0.0/a",
+            "fd00::/129",
+            "",
+        ] {
+            let err = validate_pod_cidr(bad).expect_err(bad);
+            assert!(err.to_string().contains("pod CIDR"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unimplemented_rpcs_name_themselves() {
+        let svc = service("");
+        let status = svc
+            .run_pod_sandbox(Request::new(cri::RunPodSandboxRequest::default()))
+            .await
+            .expect_err("unimplemented");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert_eq!(status.message(), "RunPodSandbox is not implemented yet");
+    }
+
+    #[tokio::test]
+    async fn verbose_status_carries_the_state_dir() {
+        let svc = service("state: /run/corral-test\n");
+        let response = svc
+            .status(Request::new(cri::StatusRequest { verbose: true }))
+            .await
+            .expect("status")
+            .into_inner();
+        let config: serde_json::Value =
+            serde_json::from_str(&response.info["config"]).expect("config is JSON");
+        assert_eq!(config["stateDir"], "/run/corral-test");
+        assert!(response.info.contains_key("lastCNILoadStatus"));
+
+        let quiet = svc
+            .status(Request::new(cri::StatusRequest { verbose: false }))
+            .await
+            .expect("status")
+            .into_inner();
+        assert!(quiet.info.is_empty());
+        assert_eq!(quiet.runtime_handlers.len(), 1);
+        assert_eq!(quiet.runtime_handlers[0].name, "");
+    }
+
+    #[tokio::test]
+    async fn an_empty_pod_cidr_keeps_the_previous_one() {
+        let svc = service("");
+        let update = |cidr: &str| cri::UpdateRuntimeConfigRequest {
+            runtime_config: Some(cri::RuntimeConfig {
+                network_config: Some(cri::NetworkConfig {
+                    pod_cidr: cidr.into(),
+                }),
+            }),
+        };
+        svc.update_runtime_config(Request::new(update("10.88.0.0/16")))
+            .await
+            .expect("update");
+        svc.update_runtime_config(Request::new(update("")))
+            .await
+            .expect("empty update");
+        assert_eq!(svc.pod_cidr(), "10.88.0.0/16");
+        let status = svc
+            .update_runtime_config(Request::new(update("10.88.0.0")))
+            .await
+            .expect_err("bad cidr");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(svc.pod_cidr(), "10.88.0.0/16");
+    }
+}
