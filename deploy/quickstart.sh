@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends runc busybox-static ca-certificates
+apt-get install -y -q --no-install-recommends runc busybox-static ca-certificates protobuf-compiler
 
 cargo build --release --workspace --bins
 CORRAL_BIN_DIR="$PWD/target/release" cargo run --release -q -p corral-e2e --example pod
