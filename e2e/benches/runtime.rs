@@ -59,15 +59,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Node::new panics when the shim is missing; say how to build it instead.
-    if bin::try_binary(bin::SHIM).is_none() {
-        eprintln!(
-            "runtime bench: {} not found in {}: run `cargo build --release --workspace --bins` \
-             first, or point {} at the directory that holds it",
-            bin::SHIM,
-            bin::bin_dir().display(),
-            bin::BIN_DIR_ENV
-        );
+    if let Err(message) = bin::require_shim() {
+        eprintln!("runtime bench: {message}");
         return ExitCode::FAILURE;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

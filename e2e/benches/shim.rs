@@ -44,15 +44,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // bin::shim() panics when the shim is missing; say how to build it instead.
-    if bin::try_binary(bin::SHIM).is_none() {
-        eprintln!(
-            "shim bench: {} not found in {}: run `cargo build --release --workspace --bins` \
-             first, or point {} at the directory that holds it",
-            bin::SHIM,
-            bin::bin_dir().display(),
-            bin::BIN_DIR_ENV
-        );
+    if let Err(message) = bin::require_shim() {
+        eprintln!("shim bench: {message}");
         return ExitCode::FAILURE;
     }
     let cleanup = match Cleanup::new() {

@@ -22,14 +22,8 @@ const SCRIPT: &str = "echo hello from corral; uname -a; id";
 const EXPECTED_EVENTS: usize = 8;
 
 fn main() -> ExitCode {
-    // bin::shim() would panic when the shim is missing; say how to build it.
-    if bin::try_binary(bin::SHIM).is_none() {
-        eprintln!(
-            "{} not found in {}: run `cargo build --release --workspace --bins` and set {}",
-            bin::SHIM,
-            bin::bin_dir().display(),
-            bin::BIN_DIR_ENV
-        );
+    if let Err(message) = bin::require_shim() {
+        eprintln!("{message}");
         return ExitCode::FAILURE;
     }
     let cleanup = match Cleanup::new() {

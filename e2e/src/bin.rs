@@ -52,6 +52,19 @@ pub fn try_binary(name: &str) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+/// Programs that must not panic (benches and examples run with
+/// `panic = "abort"`, which would skip their cleanup) check for the shim
+/// first: `Err` says how to build it.
+pub fn require_shim() -> Result<PathBuf, String> {
+    try_binary(SHIM).ok_or_else(|| {
+        format!(
+            "{SHIM} not found in {}: run `cargo build --release --workspace --bins` first, \
+             or point {BIN_DIR_ENV} at the directory that holds it",
+            bin_dir().display()
+        )
+    })
+}
+
 /// The built binary `name`.
 ///
 /// # Panics
