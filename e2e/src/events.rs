@@ -13,93 +13,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use corral_proto::containerd::events::task::{
-    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
-};
 use corral_proto::containerd::shim::event::Envelope;
 use corral_proto::containerd::shim::events::ForwardRequest;
 use corral_proto::containerd::shim_sync::{create_events, Events};
-use corral_proto::protobuf::well_known_types::any::Any;
 use corral_proto::protobuf::well_known_types::empty::Empty;
-use corral_proto::protobuf::MessageFull;
 use corral_proto::ttrpc;
 
 use crate::cleanup::Cleanup;
 use crate::error::{Context, Error, Result};
 
-/// A task event, decoded from the envelope's `Any` by its type URL.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    Create(TaskCreate),
-    Start(TaskStart),
-    Exit(TaskExit),
-    Delete(TaskDelete),
-    Oom(TaskOOM),
-    ExecAdded(TaskExecAdded),
-    ExecStarted(TaskExecStarted),
-    Paused(TaskPaused),
-    Resumed(TaskResumed),
-    Checkpointed(TaskCheckpointed),
-    /// A type this sink does not know, or one that failed to decode.
-    Other(Any),
-    /// The envelope carried no event.
-    Missing,
-}
-
-impl Event {
-    /// Decodes `any` by the last segment of its type URL, which containerd
-    /// writes bare (`containerd.events.TaskExit`) and protobuf's `Any::pack`
-    /// with a host prefix.
-    pub fn decode(any: &Any) -> Event {
-        fn try_as<M: MessageFull>(any: &Any) -> Option<M> {
-            let name = any.type_url.rsplit('/').next()?;
-            (name == M::descriptor().full_name())
-                .then(|| M::parse_from_bytes(&any.value).ok())
-                .flatten()
-        }
-        if let Some(e) = try_as(any) {
-            Event::Create(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Start(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Exit(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Delete(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Oom(e)
-        } else if let Some(e) = try_as(any) {
-            Event::ExecAdded(e)
-        } else if let Some(e) = try_as(any) {
-            Event::ExecStarted(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Paused(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Resumed(e)
-        } else if let Some(e) = try_as(any) {
-            Event::Checkpointed(e)
-        } else {
-            Event::Other(any.clone())
-        }
-    }
-
-    /// The container the event is about, for every task event.
-    pub fn container_id(&self) -> Option<&str> {
-        Some(match self {
-            Event::Create(e) => &e.container_id,
-            Event::Start(e) => &e.container_id,
-            Event::Exit(e) => &e.container_id,
-            Event::Delete(e) => &e.container_id,
-            Event::Oom(e) => &e.container_id,
-            Event::ExecAdded(e) => &e.container_id,
-            Event::ExecStarted(e) => &e.container_id,
-            Event::Paused(e) => &e.container_id,
-            Event::Resumed(e) => &e.container_id,
-            Event::Checkpointed(e) => &e.container_id,
-            Event::Other(_) | Event::Missing => return None,
-        })
-    }
-}
+/// A task event, decoded as the runtime decodes it: the sink checks what
+/// shims send against the same reading corrald has of it.
+pub use corral_runtime::events::Event;
 
 /// One envelope as the sink received it.
 #[derive(Clone, Debug)]
@@ -148,7 +73,8 @@ impl Events for Service {
         });
         let event = match envelope.event.as_ref() {
             Some(any) => Event::decode(any),
-            None => Event::Missing,
+            // The envelope carried no event: a decodable nothing.
+            None => Event::Other(String::new()),
         };
         let mut events = self.0.lock();
         let received = ReceivedEvent {
