@@ -368,6 +368,40 @@ impl Config {
         Handlers::new(map)
     }
 
+    /// Where the image store lives: `<root>/images`.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// The `registries` section as the image store's registry client reads
+    /// it. `insecure: false` (the default) leaves the client's own rule in
+    /// place: plain HTTP for loopback hosts only.
+    pub fn registry_config(&self) -> corral_runtime::image::RegistryConfig {
+        use corral_runtime::image::{Credentials, HostConfig};
+        let hosts = self
+            .registries
+            .iter()
+            .map(|(host, r)| {
+                (
+                    host.clone(),
+                    HostConfig {
+                        mirrors: r.mirrors.clone(),
+                        insecure: r.insecure.then_some(true),
+                        ca_file: r.ca_file.clone(),
+                        auth: r.auth.as_ref().map(|a| Credentials {
+                            username: a.username.clone(),
+                            password: a.password.clone(),
+                        }),
+                    },
+                )
+            })
+            .collect();
+        corral_runtime::image::RegistryConfig {
+            hosts,
+            ..Default::default()
+        }
+    }
+
     /// Names of the RuntimeClass handlers, `""` (the default) first.
     pub fn handler_names(&self) -> Vec<String> {
         let mut names = vec![String::new()];
@@ -453,6 +487,24 @@ metrics:
             })
         );
         assert_eq!(config.handler_names(), ["", "runc-v2"]);
+
+        let registry = config.registry_config();
+        assert_eq!(registry.hosts["127.0.0.1:5000"].insecure, Some(true));
+        assert_eq!(registry.hosts["registry.k8s.io"].insecure, None);
+        assert_eq!(
+            registry.hosts["registry.k8s.io"].mirrors,
+            ["http://127.0.0.1:5000"]
+        );
+        let private = &registry.hosts["private.example"];
+        assert_eq!(
+            private.auth.as_ref().map(|a| a.username.as_str()),
+            Some("u")
+        );
+        assert_eq!(
+            private.ca_file.as_deref(),
+            Some(Path::new("/etc/corral/certs/private.pem"))
+        );
+        assert_eq!(config.images_dir(), Path::new("/var/lib/corral/images"));
 
         let handlers = config.handlers().expect("handlers");
         let runc_v2 = handlers.get("runc-v2").expect("runc-v2");

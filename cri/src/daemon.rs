@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_runtime::image::{ImageStore, StoreOptions};
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use nix::sys::stat::Mode;
@@ -56,7 +57,10 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
         create_dir(dir)?;
     }
     let runtime = CriRuntimeService::new(config.clone())?;
-    let images = CriImageService::new();
+    let mut store_options = StoreOptions::new(config.images_dir());
+    store_options.registry = config.registry_config();
+    let store = ImageStore::open(store_options).await.map_err(Error::from)?;
+    let images = CriImageService::new(store);
     let (listener, socket) = CriSocket::bind(&config.socket).await?;
     tracing::info!(
         socket = %config.socket.display(),

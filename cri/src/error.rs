@@ -34,6 +34,9 @@ pub enum Error {
     #[error(transparent)]
     Runtime(#[from] corral_runtime::Error),
 
+    #[error(transparent)]
+    Image(#[from] corral_runtime::image::ImageError),
+
     /// The RPC exists in CRI v1 but corrald does not serve it yet.
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
@@ -82,6 +85,7 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
             Error::Runtime(e) => runtime_status(&e),
+            Error::Image(e) => image_status(&e),
             Error::Unimplemented(_) => Status::unimplemented(err.to_string()),
             Error::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
             // Startup failures never reach a client; should one be raised
@@ -117,6 +121,34 @@ pub fn runtime_status(err: &corral_runtime::Error) -> Status {
             other => other,
         },
         E::Io { .. } | E::Internal(_) => Code::Internal,
+    };
+    Status::new(code, err.to_string())
+}
+
+/// The status for an image-store error; its message already names the
+/// image and the cause.
+///
+/// A registry that refused or asked for credentials is `Unauthenticated`:
+/// kubelet reports every failed pull as `ErrImagePull` whatever the code,
+/// and containerd's CRI plugin, which kubelet is tested against, passes the
+/// registry's 401 through as Unauthenticated too (PermissionDenied would
+/// claim the caller is known but not allowed, which a 401 does not say).
+///
+/// Bad content (a digest or diff_id that does not match, a malformed
+/// manifest, an unknown media type) is `InvalidArgument`: the image the
+/// caller named is not one the node can run, and a retry of the same
+/// reference will not help. Internal would blame the node and
+/// FailedPrecondition suggest a state that could change.
+pub fn image_status(err: &corral_runtime::image::ImageError) -> Status {
+    use corral_runtime::image::ImageError as E;
+    let code = match err {
+        E::NotFound(_) => Code::NotFound,
+        E::InvalidArgument(_) | E::BadImage(_) => Code::InvalidArgument,
+        E::AlreadyExists(_) => Code::AlreadyExists,
+        E::Unauthorized(_) => Code::Unauthenticated,
+        E::Unavailable(_) => Code::Unavailable,
+        E::FailedPrecondition(_) => Code::FailedPrecondition,
+        E::Internal(_) => Code::Internal,
     };
     Status::new(code, err.to_string())
 }
@@ -208,6 +240,33 @@ mod tests {
         let status = status(err);
         assert_eq!(status.code(), Code::Internal);
         assert!(status.message().contains("/run/corral/x"));
+    }
+
+    #[test]
+    fn image_errors_keep_their_kind_and_message() {
+        use corral_runtime::image::ImageError as I;
+        let cases = [
+            (
+                I::NotFound("image \"busybox:nope\" not found".into()),
+                Code::NotFound,
+            ),
+            (I::InvalidArgument("bad ref".into()), Code::InvalidArgument),
+            (I::BadImage("digest mismatch".into()), Code::InvalidArgument),
+            (I::AlreadyExists("snapshot k".into()), Code::AlreadyExists),
+            (I::Unauthorized("401 from r".into()), Code::Unauthenticated),
+            (I::Unavailable("registry down".into()), Code::Unavailable),
+            (
+                I::FailedPrecondition("in use".into()),
+                Code::FailedPrecondition,
+            ),
+            (I::Internal("disk".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let status = Status::from(Error::from(err));
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
     }
 
     #[test]

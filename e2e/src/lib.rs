@@ -14,6 +14,7 @@
 //! - [`shim`]: starting, connecting to and deleting a runtime v2 shim.
 //! - [`task`]: a pod's shim driven through the task API, as a daemon drives it.
 //! - [`cri`]: corrald started with a test's config, and a CRI client on its socket.
+//! - [`registry`]: Debian's docker-registry on loopback, and pushing a busybox image to it.
 //! - [`runtime`]: corral's runtime layer (TaskService) over real shims.
 
 pub mod bin;
@@ -22,6 +23,7 @@ pub mod cleanup;
 pub mod cri;
 pub mod error;
 pub mod events;
+pub mod registry;
 pub mod rootfs;
 pub mod runc;
 pub mod runtime;
