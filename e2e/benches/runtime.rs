@@ -28,6 +28,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use corral_e2e::bench::{ms, ratio, Stats};
 use corral_e2e::runtime::{track_shim_socket, Node, CORRAL};
 use corral_e2e::task::{PodShim, CONTAINER_TYPE, SANDBOX_ID};
 use corral_e2e::{bin, Bundle, Cleanup, EventsSink};
@@ -150,40 +151,6 @@ impl fmt::Display for Report {
             ms(self.reattach.median),
             ms(self.reattach_max)
         )
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:7.1} ms", d.as_secs_f64() * 1e3)
-}
-
-fn ratio(a: Duration, b: Duration) -> f64 {
-    a.as_secs_f64() / b.as_secs_f64().max(f64::MIN_POSITIVE)
-}
-
-struct Stats {
-    median: Duration,
-    p95: Duration,
-}
-
-impl Stats {
-    fn of(mut samples: Vec<Duration>) -> Result<Stats> {
-        if samples.is_empty() {
-            return Err("no samples".into());
-        }
-        samples.sort();
-        let n = samples.len();
-        let median = if n % 2 == 1 {
-            samples[n / 2]
-        } else {
-            (samples[n / 2 - 1] + samples[n / 2]) / 2
-        };
-        // Nearest rank: the smallest sample with at least 95% at or below it.
-        let rank = (n * 95).div_ceil(100).max(1);
-        Ok(Stats {
-            median,
-            p95: samples[rank - 1],
-        })
     }
 }
 
@@ -323,10 +290,10 @@ fn bench(
         runs,
         pods,
         shim_binary: bin::shim(),
-        own_pod: Stats::of(own_pod)?,
-        joined: Stats::of(joined)?,
-        shim_only: Stats::of(shim_only)?,
-        reattach: Stats::of(reattach)?,
+        own_pod: Stats::of(own_pod).map_err(|e| e.to_string())?,
+        joined: Stats::of(joined).map_err(|e| e.to_string())?,
+        shim_only: Stats::of(shim_only).map_err(|e| e.to_string())?,
+        reattach: Stats::of(reattach).map_err(|e| e.to_string())?,
         reattach_max,
     })
 }

@@ -20,8 +20,9 @@
 
 use std::fmt;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use corral_e2e::bench::{ms, ratio, Stats};
 use corral_e2e::runc::ContainerIo;
 use corral_e2e::task::{PodShim, CONTAINER_TYPE, SANDBOX_ID};
 use corral_e2e::{bin, Bundle, BusyboxRootfs, Cleanup, Error, EventsSink, Result, Runc};
@@ -130,40 +131,6 @@ impl fmt::Display for Report {
             n + WARMUP,
             self.memory_after_runs
         )
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:6.1} ms", d.as_secs_f64() * 1e3)
-}
-
-fn ratio(a: Duration, b: Duration) -> f64 {
-    a.as_secs_f64() / b.as_secs_f64().max(f64::MIN_POSITIVE)
-}
-
-struct Stats {
-    median: Duration,
-    p95: Duration,
-}
-
-impl Stats {
-    fn of(mut samples: Vec<Duration>) -> Result<Stats> {
-        if samples.is_empty() {
-            return Err(Error::Protocol("no samples".into()));
-        }
-        samples.sort();
-        let n = samples.len();
-        let median = if n % 2 == 1 {
-            samples[n / 2]
-        } else {
-            (samples[n / 2 - 1] + samples[n / 2]) / 2
-        };
-        // Nearest rank: the smallest sample with at least 95% at or below it.
-        let rank = (n * 95).div_ceil(100).max(1);
-        Ok(Stats {
-            median,
-            p95: samples[rank - 1],
-        })
     }
 }
 

@@ -4,6 +4,7 @@
 //! kubelet would, against real runc, a real busybox rootfs, real namespaces
 //! and cgroups. Nothing here is a mock.
 //!
+//! - [`bench`]: timing summaries the benchmarks print.
 //! - [`bin`]: where the built binaries are.
 //! - [`unique`]: names that never clash between tests running in parallel.
 //! - [`cleanup`]: the per-test guard that removes everything a test made.
@@ -17,6 +18,7 @@
 //! - [`registry`]: Debian's docker-registry on loopback, and pushing a busybox image to it.
 //! - [`runtime`]: corral's runtime layer (TaskService) over real shims.
 
+pub mod bench;
 pub mod bin;
 pub mod bundle;
 pub mod cleanup;

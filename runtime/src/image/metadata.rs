@@ -200,6 +200,34 @@ pub(crate) trait Tx {
     fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>>;
 }
 
+/// Reads one record from an open table, of a read or a write transaction.
+fn get_from<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+    table: Table,
+    key: &str,
+) -> Result<Option<T>> {
+    let raw = t.get(key).map_err(|e| db_err(path)(e.into()))?;
+    raw.map(|v| decode(path, table, key, v.value())).transpose()
+}
+
+/// Reads every record of an open table, in key order.
+fn list_from<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+    table: Table,
+) -> Result<Vec<(String, T)>> {
+    let err = db_err(path);
+    let mut out = Vec::new();
+    for entry in t.iter().map_err(|e| err(e.into()))? {
+        let (k, v) = entry.map_err(|e| err(e.into()))?;
+        let key = k.value().to_owned();
+        let value = decode(path, table, &key, v.value())?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
 /// A consistent view of the database.
 pub(crate) struct ReadTx<'a> {
     txn: redb::ReadTransaction,
@@ -208,30 +236,19 @@ pub(crate) struct ReadTx<'a> {
 
 impl Tx for ReadTx<'_> {
     fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
-        let err = db_err(self.path);
         let t = self
             .txn
             .open_table(table.def())
-            .map_err(|e| err(e.into()))?;
-        let raw = t.get(key).map_err(|e| err(e.into()))?;
-        raw.map(|v| decode(self.path, table, key, v.value()))
-            .transpose()
+            .map_err(|e| db_err(self.path)(e.into()))?;
+        get_from(&t, self.path, table, key)
     }
 
     fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>> {
-        let err = db_err(self.path);
         let t = self
             .txn
             .open_table(table.def())
-            .map_err(|e| err(e.into()))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| err(e.into()))? {
-            let (k, v) = entry.map_err(|e| err(e.into()))?;
-            let key = k.value().to_owned();
-            let value = decode(self.path, table, &key, v.value())?;
-            out.push((key, value));
-        }
-        Ok(out)
+            .map_err(|e| db_err(self.path)(e.into()))?;
+        list_from(&t, self.path, table)
     }
 }
 
@@ -244,30 +261,19 @@ pub(crate) struct WriteTx<'a> {
 
 impl Tx for WriteTx<'_> {
     fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
-        let err = db_err(self.path);
         let t = self
             .txn
             .open_table(table.def())
-            .map_err(|e| err(e.into()))?;
-        let raw = t.get(key).map_err(|e| err(e.into()))?;
-        raw.map(|v| decode(self.path, table, key, v.value()))
-            .transpose()
+            .map_err(|e| db_err(self.path)(e.into()))?;
+        get_from(&t, self.path, table, key)
     }
 
     fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>> {
-        let err = db_err(self.path);
         let t = self
             .txn
             .open_table(table.def())
-            .map_err(|e| err(e.into()))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| err(e.into()))? {
-            let (k, v) = entry.map_err(|e| err(e.into()))?;
-            let key = k.value().to_owned();
-            let value = decode(self.path, table, &key, v.value())?;
-            out.push((key, value));
-        }
-        Ok(out)
+            .map_err(|e| db_err(self.path)(e.into()))?;
+        list_from(&t, self.path, table)
     }
 }
 
