@@ -24,10 +24,19 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use corral_runtime::shim_manager::ShimManagerConfig;
+use corral_runtime::task_service::{TaskService, TaskServiceConfig};
+
+use crate::cni::CniManager;
 use crate::config::Config;
+use crate::deadline::take_grpc_timeout;
 use crate::error::{Error, Result};
 use crate::image_service::CriImageService;
+use crate::lifecycle;
+use crate::node::Node;
+use crate::pause;
 use crate::runtime_service::CriRuntimeService;
+use crate::store::Store;
 
 /// Owner and group may connect: the group is how an operator lets a
 /// non-root crictl in without opening the runtime to every local user.
@@ -56,10 +65,11 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
     for dir in [&config.root, &config.state] {
         create_dir(dir)?;
     }
-    let runtime = CriRuntimeService::new(config.clone())?;
     let mut store_options = StoreOptions::new(config.images_dir());
     store_options.registry = config.registry_config();
     let store = ImageStore::open(store_options).await.map_err(Error::from)?;
+    let node = start_node(&config, store.clone()).await?;
+    let runtime = CriRuntimeService::new(config.clone())?.with_node(node.clone());
     let images = CriImageService::new(store);
     let (listener, socket) = CriSocket::bind(&config.socket).await?;
     tracing::info!(
@@ -70,6 +80,7 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(take_grpc_timeout))
         .add_service(RuntimeServiceServer::new(runtime))
         .add_service(ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
@@ -105,8 +116,61 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
         }
     }
     socket.remove();
+    // The shims stay: pods keep running while no daemon does.
+    node.tasks.shutdown().await;
     tracing::info!("corrald stopped");
     Ok(())
+}
+
+/// The task service re-attached to the shims an earlier daemon left, and
+/// the pods and containers recovered from the metadata store.
+async fn start_node(config: &Arc<Config>, images: ImageStore) -> Result<Arc<Node>> {
+    let pause_rootfs = pause::install_rootfs(&config.root.join("pause"))?;
+    let tasks = TaskService::start(TaskServiceConfig {
+        shims: ShimManagerConfig {
+            root: config.root.join("tasks"),
+            state: config.state.join("tasks"),
+            daemon_address: config.socket.clone(),
+            publish_binary: std::env::current_exe()
+                .map_err(|e| Error::io("find own binary", "/proc/self/exe", e))?,
+            shim_dirs: shim_dirs(),
+            debug: false,
+        },
+        events_socket: config.state.join("events.sock"),
+        handlers: config.handlers()?,
+    })
+    .await?;
+    // Subscribed before re-attaching: the exits re-attaching reports
+    // (shims that died while no daemon ran) must not be missed.
+    let events = tasks.subscribe();
+    tasks.reattach().await?;
+    let store = Store::open(&config.root.join("cri"))?;
+    let cni = CniManager::new(
+        config.cni.conf_dir.clone(),
+        config.cni.bin_dirs.clone(),
+        config.root.join("cni-cache"),
+    );
+    let node = Arc::new(Node::new(
+        config.clone(),
+        tasks,
+        images,
+        cni,
+        store,
+        pause_rootfs,
+    ));
+    lifecycle::recover(&node).await?;
+    lifecycle::spawn_event_loop(node.clone(), events);
+    Ok(node)
+}
+
+/// Where shim binaries are looked for before `PATH`: beside corrald, where
+/// a build or an install puts corral's own shim.
+fn shim_dirs() -> Vec<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .into_iter()
+        .collect()
 }
 
 /// SIGTERM (systemd, kubelet's node shutdown) and SIGINT (a terminal).

@@ -45,6 +45,44 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// The id or name asked for names nothing.
+    #[error("{0}")]
+    NotFound(String),
+
+    /// A name already taken; the message names its holder.
+    #[error("{0}")]
+    AlreadyExists(String),
+
+    /// The object is not in a state the call can act on.
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// The caller's deadline (or the call's own timeout) passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+
+    /// A failure of the daemon itself, not of the request.
+    #[error("{0}")]
+    Internal(String),
+
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+
+    #[error(transparent)]
+    Cni(#[from] crate::cni::CniError),
+
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+
+    #[error(transparent)]
+    SandboxFiles(#[from] crate::sandbox_files::SandboxFilesError),
+
+    #[error(transparent)]
+    Pause(#[from] crate::pause::PauseError),
+
     /// Another process answers on the socket: two daemons must not share
     /// one root and one socket.
     #[error("another corrald is already serving on {0}; refusing to start")]
@@ -88,6 +126,17 @@ impl From<Error> for Status {
             Error::Image(e) => image_status(&e),
             Error::Unimplemented(_) => Status::unimplemented(err.to_string()),
             Error::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
+            Error::NotFound(_) => Status::not_found(err.to_string()),
+            Error::AlreadyExists(_) => Status::already_exists(err.to_string()),
+            Error::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
+            Error::DeadlineExceeded(_) => Status::deadline_exceeded(err.to_string()),
+            Error::Internal(_) | Error::Store(_) | Error::Pause(_) => {
+                Status::internal(err.to_string())
+            }
+            Error::Netns(ref e) => Status::new(netns_code(e), err.to_string()),
+            Error::Cni(ref e) => Status::new(cni_code(e), err.to_string()),
+            Error::Spec(ref e) => Status::new(spec_code(e), err.to_string()),
+            Error::SandboxFiles(ref e) => Status::new(sandbox_files_code(e), err.to_string()),
             // Startup failures never reach a client; should one be raised
             // while serving, it is the daemon's own fault, not the caller's.
             Error::Config(_)
@@ -96,6 +145,44 @@ impl From<Error> for Status {
             | Error::Io { .. }
             | Error::Serve { .. } => Status::internal(err.to_string()),
         }
+    }
+}
+
+fn netns_code(e: &crate::netns::NetnsError) -> Code {
+    use crate::netns::NetnsError as E;
+    match e {
+        E::InvalidName(_) => Code::InvalidArgument,
+        E::AlreadyExists(_) => Code::AlreadyExists,
+        E::NotFound(_) => Code::NotFound,
+        _ => Code::Internal,
+    }
+}
+
+/// A network that is not configured yet is a state the node can leave
+/// (kubelet retries); a plugin's failure is the node's, not the caller's.
+fn cni_code(e: &crate::cni::CniError) -> Code {
+    use crate::cni::CniError as E;
+    match e {
+        E::NotReady(_) => Code::FailedPrecondition,
+        E::InvalidInput(_) => Code::InvalidArgument,
+        E::Timeout { .. } => Code::DeadlineExceeded,
+        _ => Code::Internal,
+    }
+}
+
+fn spec_code(e: &crate::spec::SpecError) -> Code {
+    use crate::spec::SpecError as E;
+    match e {
+        E::InvalidArgument(_) | E::Seccomp(_) => Code::InvalidArgument,
+        E::Io { .. } => Code::Internal,
+    }
+}
+
+fn sandbox_files_code(e: &crate::sandbox_files::SandboxFilesError) -> Code {
+    use crate::sandbox_files::SandboxFilesError as E;
+    match e {
+        E::InvalidInput { .. } => Code::InvalidArgument,
+        E::Io { .. } => Code::Internal,
     }
 }
 

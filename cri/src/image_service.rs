@@ -214,17 +214,22 @@ impl ImageService for CriImageService {
         &self,
         request: Request<cri::PullImageRequest>,
     ) -> RpcResult<cri::PullImageResponse> {
+        let deadline = crate::deadline::deadline(&request);
         let request = request.into_inner();
         let reference = spec_image(request.image.as_ref());
         if reference.is_empty() {
             return Err(Error::InvalidArgument("image.image is empty".into()).into());
         }
         let creds = credentials(request.auth.as_ref())?;
-        let image = self
-            .store
-            .pull(reference, creds.as_ref())
-            .await
-            .map_err(Error::from)?;
+        // A pull cut short by the deadline leaves its finished blobs to the
+        // next pull of the same image, which resumes from them.
+        let pull = async {
+            self.store
+                .pull(reference, creds.as_ref())
+                .await
+                .map_err(Error::from)
+        };
+        let image = crate::deadline::within(deadline, pull).await?;
         Ok(Response::new(cri::PullImageResponse {
             image_ref: image.id,
         }))

@@ -13,10 +13,22 @@
 
 pub mod cni;
 pub mod config;
+pub mod container;
 pub mod daemon;
+pub mod deadline;
 pub mod error;
 pub mod image_service;
+pub mod lifecycle;
+pub mod netns;
+pub mod node;
+pub mod pause;
 pub mod runtime_service;
+pub mod sandbox;
+pub mod sandbox_files;
+pub mod seccomp;
+pub mod spec;
+pub mod stats;
+pub mod store;
 
 pub use config::Config;
 pub use error::{Error, Result};

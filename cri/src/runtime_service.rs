@@ -17,7 +17,10 @@ use tonic::{Request, Response};
 
 use crate::cni::{self, NetworkStatus};
 use crate::config::{CgroupDriver, Config};
+use crate::deadline::{deadline, within};
 use crate::error::{not_yet, Error, Result, RpcResult};
+use crate::node::Node;
+use crate::{container, sandbox, stats};
 
 /// Condition types kubelet requires (cri-api `RuntimeReady`, `NetworkReady`).
 pub const RUNTIME_READY: &str = "RuntimeReady";
@@ -33,6 +36,9 @@ pub struct CriRuntimeService {
     /// Set by kubelet through UpdateRuntimeConfig; empty until then. Kept for
     /// CNI configurations that ask for the node's pod range.
     pod_cidr: RwLock<String>,
+    /// The pods and containers; `None` only in unit tests of the
+    /// node-level RPCs, which need no task service.
+    node: Option<Arc<Node>>,
 }
 
 impl CriRuntimeService {
@@ -44,7 +50,20 @@ impl CriRuntimeService {
             config,
             handlers,
             pod_cidr: RwLock::new(String::new()),
+            node: None,
         })
+    }
+
+    /// Serves pods and containers on `node`.
+    pub fn with_node(mut self, node: Arc<Node>) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    fn node(&self) -> Result<&Node> {
+        self.node
+            .as_deref()
+            .ok_or_else(|| Error::Internal("this RuntimeService serves no node".into()))
     }
 
     pub fn config(&self) -> &Config {
@@ -232,105 +251,189 @@ impl RuntimeService for CriRuntimeService {
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> RpcResult<Self::GetContainerEventsStream> {
-        not_yet("GetContainerEvents")
+        use tokio_stream::StreamExt;
+        let events = tokio_stream::wrappers::BroadcastStream::new(self.node()?.events.subscribe());
+        // A subscriber that fell more than the buffer behind misses events,
+        // as with containerd's bounded queue; kubelet's relist covers it.
+        let stream = events.filter_map(|event| event.ok().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn run_pod_sandbox(
         &self,
-        _request: Request<cri::RunPodSandboxRequest>,
+        request: Request<cri::RunPodSandboxRequest>,
     ) -> RpcResult<cri::RunPodSandboxResponse> {
-        not_yet("RunPodSandbox")
+        let node = self.node()?;
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Error::InvalidArgument("RunPodSandbox without a config".into()))?;
+        let id = within(deadline, sandbox::run(node, config, &req.runtime_handler)).await?;
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
     }
 
     async fn stop_pod_sandbox(
         &self,
-        _request: Request<cri::StopPodSandboxRequest>,
+        request: Request<cri::StopPodSandboxRequest>,
     ) -> RpcResult<cri::StopPodSandboxResponse> {
-        not_yet("StopPodSandbox")
+        let deadline = deadline(&request);
+        let id = request.into_inner().pod_sandbox_id;
+        within(deadline, sandbox::stop(self.node()?, &id)).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
     async fn remove_pod_sandbox(
         &self,
-        _request: Request<cri::RemovePodSandboxRequest>,
+        request: Request<cri::RemovePodSandboxRequest>,
     ) -> RpcResult<cri::RemovePodSandboxResponse> {
-        not_yet("RemovePodSandbox")
+        let deadline = deadline(&request);
+        let id = request.into_inner().pod_sandbox_id;
+        within(deadline, sandbox::remove(self.node()?, &id)).await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
     async fn pod_sandbox_status(
         &self,
-        _request: Request<cri::PodSandboxStatusRequest>,
+        request: Request<cri::PodSandboxStatusRequest>,
     ) -> RpcResult<cri::PodSandboxStatusResponse> {
-        not_yet("PodSandboxStatus")
+        let node = self.node()?;
+        let req = request.into_inner();
+        let found = node.sandbox(&req.pod_sandbox_id)?;
+        let mut response = sandbox::status(node, &found, req.verbose);
+        response.containers_statuses = node
+            .containers_of(&found.id)
+            .iter()
+            .filter_map(|c| container::status(c, false).status)
+            .collect();
+        response.timestamp = crate::node::now_ns();
+        Ok(Response::new(response))
     }
 
     async fn list_pod_sandbox(
         &self,
-        _request: Request<cri::ListPodSandboxRequest>,
+        request: Request<cri::ListPodSandboxRequest>,
     ) -> RpcResult<cri::ListPodSandboxResponse> {
-        not_yet("ListPodSandbox")
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let items = self
+            .node()?
+            .sandboxes()
+            .iter()
+            .filter(|s| sandbox::matches(s, &filter))
+            .map(|s| sandbox::summary(s))
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
     async fn create_container(
         &self,
-        _request: Request<cri::CreateContainerRequest>,
+        request: Request<cri::CreateContainerRequest>,
     ) -> RpcResult<cri::CreateContainerResponse> {
-        not_yet("CreateContainer")
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Error::InvalidArgument("CreateContainer without a config".into()))?;
+        let id = within(
+            deadline,
+            container::create(self.node()?, &req.pod_sandbox_id, config),
+        )
+        .await?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
     }
 
     async fn start_container(
         &self,
-        _request: Request<cri::StartContainerRequest>,
+        request: Request<cri::StartContainerRequest>,
     ) -> RpcResult<cri::StartContainerResponse> {
-        not_yet("StartContainer")
+        let deadline = deadline(&request);
+        let id = request.into_inner().container_id;
+        within(deadline, container::start(self.node()?, &id)).await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
     }
 
     async fn stop_container(
         &self,
-        _request: Request<cri::StopContainerRequest>,
+        request: Request<cri::StopContainerRequest>,
     ) -> RpcResult<cri::StopContainerResponse> {
-        not_yet("StopContainer")
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        within(
+            deadline,
+            container::stop(self.node()?, &req.container_id, req.timeout),
+        )
+        .await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
     }
 
     async fn remove_container(
         &self,
-        _request: Request<cri::RemoveContainerRequest>,
+        request: Request<cri::RemoveContainerRequest>,
     ) -> RpcResult<cri::RemoveContainerResponse> {
-        not_yet("RemoveContainer")
+        let deadline = deadline(&request);
+        let id = request.into_inner().container_id;
+        within(deadline, container::remove(self.node()?, &id)).await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
     async fn list_containers(
         &self,
-        _request: Request<cri::ListContainersRequest>,
+        request: Request<cri::ListContainersRequest>,
     ) -> RpcResult<cri::ListContainersResponse> {
-        not_yet("ListContainers")
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let containers = self
+            .node()?
+            .containers()
+            .iter()
+            .filter(|c| container::matches(c, &filter))
+            .map(|c| container::summary(c))
+            .collect();
+        Ok(Response::new(cri::ListContainersResponse { containers }))
     }
 
     async fn container_status(
         &self,
-        _request: Request<cri::ContainerStatusRequest>,
+        request: Request<cri::ContainerStatusRequest>,
     ) -> RpcResult<cri::ContainerStatusResponse> {
-        not_yet("ContainerStatus")
+        let req = request.into_inner();
+        let found = self.node()?.container(&req.container_id)?;
+        Ok(Response::new(container::status(&found, req.verbose)))
     }
 
     async fn update_container_resources(
         &self,
-        _request: Request<cri::UpdateContainerResourcesRequest>,
+        request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> RpcResult<cri::UpdateContainerResourcesResponse> {
-        not_yet("UpdateContainerResources")
+        let req = request.into_inner();
+        container::update_resources(self.node()?, &req.container_id, req.linux).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
         &self,
-        _request: Request<cri::ReopenContainerLogRequest>,
+        request: Request<cri::ReopenContainerLogRequest>,
     ) -> RpcResult<cri::ReopenContainerLogResponse> {
-        not_yet("ReopenContainerLog")
+        let id = request.into_inner().container_id;
+        container::reopen_log(self.node()?, &id).await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
     async fn exec_sync(
         &self,
-        _request: Request<cri::ExecSyncRequest>,
+        request: Request<cri::ExecSyncRequest>,
     ) -> RpcResult<cri::ExecSyncResponse> {
-        not_yet("ExecSync")
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let response = within(
+            deadline,
+            container::exec_sync(self.node()?, &req.container_id, req.cmd, req.timeout),
+        )
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn exec(&self, _request: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
@@ -353,30 +456,75 @@ impl RuntimeService for CriRuntimeService {
 
     async fn container_stats(
         &self,
-        _request: Request<cri::ContainerStatsRequest>,
+        request: Request<cri::ContainerStatsRequest>,
     ) -> RpcResult<cri::ContainerStatsResponse> {
-        not_yet("ContainerStats")
+        let node = self.node()?;
+        let found = node.container(&request.into_inner().container_id)?;
+        let stats = stats::container_stats(node, &found).await;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_container_stats(
         &self,
-        _request: Request<cri::ListContainerStatsRequest>,
+        request: Request<cri::ListContainerStatsRequest>,
     ) -> RpcResult<cri::ListContainerStatsResponse> {
-        not_yet("ListContainerStats")
+        let node = self.node()?;
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let filter = cri::ContainerFilter {
+            id: filter.id,
+            pod_sandbox_id: filter.pod_sandbox_id,
+            label_selector: filter.label_selector,
+            state: None,
+        };
+        let mut out = Vec::new();
+        for c in node
+            .containers()
+            .iter()
+            .filter(|c| container::matches(c, &filter))
+        {
+            out.push(stats::container_stats(node, c).await);
+        }
+        Ok(Response::new(cri::ListContainerStatsResponse {
+            stats: out,
+        }))
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _request: Request<cri::PodSandboxStatsRequest>,
+        request: Request<cri::PodSandboxStatsRequest>,
     ) -> RpcResult<cri::PodSandboxStatsResponse> {
-        not_yet("PodSandboxStats")
+        let node = self.node()?;
+        let found = node.sandbox(&request.into_inner().pod_sandbox_id)?;
+        let stats = stats::sandbox_stats(node, &found).await;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<cri::ListPodSandboxStatsRequest>,
+        request: Request<cri::ListPodSandboxStatsRequest>,
     ) -> RpcResult<cri::ListPodSandboxStatsResponse> {
-        not_yet("ListPodSandboxStats")
+        let node = self.node()?;
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let filter = cri::PodSandboxFilter {
+            id: filter.id,
+            label_selector: filter.label_selector,
+            state: None,
+        };
+        let mut out = Vec::new();
+        for s in node
+            .sandboxes()
+            .iter()
+            .filter(|s| sandbox::matches(s, &filter))
+        {
+            out.push(stats::sandbox_stats(node, s).await);
+        }
+        Ok(Response::new(cri::ListPodSandboxStatsResponse {
+            stats: out,
+        }))
     }
 
     async fn checkpoint_container(
@@ -390,14 +538,20 @@ impl RuntimeService for CriRuntimeService {
         &self,
         _request: Request<cri::ListMetricDescriptorsRequest>,
     ) -> RpcResult<cri::ListMetricDescriptorsResponse> {
-        not_yet("ListMetricDescriptors")
+        // No CRI-served metrics yet: kubelet then relies on ContainerStats,
+        // which is what an empty list tells it.
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: Vec::new(),
+        }))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _request: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> RpcResult<cri::ListPodSandboxMetricsResponse> {
-        not_yet("ListPodSandboxMetrics")
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: Vec::new(),
+        }))
     }
 }
 
@@ -432,11 +586,14 @@ mod tests {
     async fn unimplemented_rpcs_name_themselves() {
         let svc = service("");
         let status = svc
-            .run_pod_sandbox(Request::new(cri::RunPodSandboxRequest::default()))
+            .checkpoint_container(Request::new(cri::CheckpointContainerRequest::default()))
             .await
             .expect_err("unimplemented");
         assert_eq!(status.code(), tonic::Code::Unimplemented);
-        assert_eq!(status.message(), "RunPodSandbox is not implemented yet");
+        assert_eq!(
+            status.message(),
+            "CheckpointContainer is not implemented yet"
+        );
     }
 
     #[tokio::test]

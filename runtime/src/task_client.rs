@@ -97,12 +97,23 @@ impl TaskClient {
         req: &Req,
         timeout: Option<Duration>,
     ) -> Result<Resp> {
+        self.call_service(self.api.service(), method, req, timeout)
+            .await
+    }
+
+    async fn call_service<Req: Message, Resp: Message>(
+        &self,
+        service: &str,
+        method: &'static str,
+        req: &Req,
+        timeout: Option<Duration>,
+    ) -> Result<Resp> {
         let payload = req
             .write_to_bytes()
             .map_err(|e| Error::Internal(format!("encode {method}: {e}")))?;
         let timeout_nano = timeout.map(|t| t.as_nanos() as i64).unwrap_or(0);
         let mut request = ttrpc::Request::init_request(
-            self.api.service().to_string(),
+            service.to_string(),
             method.to_string(),
             timeout_nano,
             Vec::new(),
@@ -117,6 +128,18 @@ impl TaskClient {
         Codec::merge(&mut out, &response.payload)
             .map_err(|e| Error::shim(&self.shim, format!("decode {method} reply: {e}")))?;
         Ok(out)
+    }
+
+    /// corral's own `corral.shim.v1.Log/Reopen`, served beside the task API
+    /// by corral's shim (any other shim answers Unimplemented).
+    pub async fn reopen_log(&self, id: &str) -> Result<()> {
+        let req = corral_proto::shim::log::ReopenRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        self.call_service::<_, Empty>("corral.shim.v1.Log", "Reopen", &req, Some(DEFAULT_TIMEOUT))
+            .await
+            .map(drop)
     }
 
     pub async fn create(&self, req: &api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {

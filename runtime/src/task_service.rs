@@ -394,6 +394,11 @@ impl TaskService {
         self.shim(namespace, id)?.client.resize_pty(&req).await
     }
 
+    /// Has the shim reopen the task's CRI log file (after kubelet renamed it).
+    pub async fn reopen_log(&self, namespace: &str, id: &str) -> Result<()> {
+        self.shim(namespace, id)?.client.reopen_log(id).await
+    }
+
     /// The shim's address of a task, for the project's own services on the
     /// same socket (CRI log reopening).
     pub fn shim_address(&self, namespace: &str, id: &str) -> Result<String> {

@@ -1,0 +1,258 @@
+//! Container and pod statistics: the cgroup metrics a shim reports,
+//! translated into CRI's CPU, memory and writable-layer figures.
+//!
+//! Owns the decoding of the shims' cgroup v1 and v2 metric messages and the
+//! CPU rate (nano-cores), which needs the previous sample of each container.
+//! It does not read cgroup files itself: the shim that owns the cgroup does.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use corral_proto::containerd::cgroups::metrics as v1;
+use corral_proto::containerd::cgroups_v2::metrics as v2;
+use corral_proto::protobuf::{well_known_types::any::Any, Message};
+use k8s_cri::v1 as cri;
+
+use crate::node::{now_ns, Container, Node, Sandbox, TASK_NAMESPACE};
+use crate::store::ContainerState;
+
+/// What one cgroup sample says, in CRI's units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// Cumulative CPU time, nanoseconds.
+    pub cpu_ns: u64,
+    pub memory_usage: u64,
+    pub working_set: u64,
+    pub rss: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
+}
+
+/// Decodes the shim's metrics (`io.containerd.cgroups.v1.Metrics` or `.v2.`).
+pub fn decode(any: &Any) -> Option<Sample> {
+    if any.type_url.ends_with("cgroups.v1.Metrics") {
+        let m = v1::Metrics::parse_from_bytes(&any.value).ok()?;
+        let cpu_ns = m.cpu.usage.total;
+        let mem = &m.memory;
+        let usage = mem.usage.usage;
+        // Working set as kubelet and cAdvisor define it: usage minus the
+        // page cache the kernel can drop at once.
+        let working_set = usage.saturating_sub(mem.total_inactive_file);
+        Some(Sample {
+            cpu_ns,
+            memory_usage: usage,
+            working_set,
+            rss: mem.total_rss,
+            page_faults: mem.total_pg_fault,
+            major_page_faults: mem.total_pg_maj_fault,
+        })
+    } else if any.type_url.ends_with("cgroups.v2.Metrics") {
+        let m = v2::Metrics::parse_from_bytes(&any.value).ok()?;
+        let mem = &m.memory;
+        Some(Sample {
+            cpu_ns: m.cpu.usage_usec.saturating_mul(1000),
+            memory_usage: mem.usage,
+            working_set: mem.usage.saturating_sub(mem.inactive_file),
+            rss: mem.anon,
+            page_faults: mem.pgfault,
+            major_page_faults: mem.pgmajfault,
+        })
+    } else {
+        None
+    }
+}
+
+/// The previous CPU sample per container, for the nano-cores rate.
+#[derive(Debug, Default)]
+pub struct CpuRates {
+    last: Mutex<HashMap<String, (i64, u64)>>,
+}
+
+impl CpuRates {
+    /// Nano-cores since the previous sample of `id`; `None` for the first.
+    pub fn rate(&self, id: &str, at: i64, cpu_ns: u64) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = last.insert(id.to_string(), (at, cpu_ns));
+        let (t0, c0) = previous?;
+        let elapsed = at.checked_sub(t0).filter(|d| *d > 0)? as u128;
+        let used = cpu_ns.checked_sub(c0)? as u128;
+        Some((used * 1_000_000_000 / elapsed) as u64)
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+}
+
+fn value(v: u64) -> Option<cri::UInt64Value> {
+    Some(cri::UInt64Value { value: v })
+}
+
+/// ContainerStats for one container. A container without a running task
+/// reports zero usage with current timestamps, as kubelet expects of
+/// containers that are created or exited.
+pub async fn container_stats(node: &Node, c: &Container) -> cri::ContainerStats {
+    let at = now_ns();
+    let running = c.record().state == ContainerState::Running;
+    let sample = if running {
+        match node.tasks.stats(TASK_NAMESPACE, &c.id).await {
+            Ok(any) => decode(&any),
+            Err(e) => {
+                tracing::debug!(container = %c.id, error = %e, "no stats from the shim");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let sample = sample.unwrap_or_default();
+    let nano_cores = node.cpu_rates.rate(&c.id, at, sample.cpu_ns);
+    let writable = node
+        .images
+        .snapshots()
+        .usage(&c.snapshot().snapshot)
+        .unwrap_or_default();
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: c.id.clone(),
+            metadata: c.config.metadata.clone(),
+            labels: c.config.labels.clone(),
+            annotations: c.config.annotations.clone(),
+        }),
+        cpu: Some(cri::CpuUsage {
+            timestamp: at,
+            usage_core_nano_seconds: value(sample.cpu_ns),
+            usage_nano_cores: nano_cores.and_then(value),
+        }),
+        memory: Some(memory(at, &sample)),
+        writable_layer: Some(cri::FilesystemUsage {
+            timestamp: at,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: node.images.snapshots().root().display().to_string(),
+            }),
+            used_bytes: value(writable.bytes),
+            inodes_used: value(writable.inodes),
+        }),
+        swap: None,
+    }
+}
+
+fn memory(at: i64, s: &Sample) -> cri::MemoryUsage {
+    cri::MemoryUsage {
+        timestamp: at,
+        working_set_bytes: value(s.working_set),
+        available_bytes: None,
+        usage_bytes: value(s.memory_usage),
+        rss_bytes: value(s.rss),
+        page_faults: value(s.page_faults),
+        major_page_faults: value(s.major_page_faults),
+    }
+}
+
+/// PodSandboxStats: the pod's containers, and their sum as the pod's usage
+/// (the pause process's own is negligible and not sampled).
+pub async fn sandbox_stats(node: &Node, s: &Sandbox) -> cri::PodSandboxStats {
+    let at = now_ns();
+    let mut containers = Vec::new();
+    for c in node.containers_of(&s.id) {
+        containers.push(container_stats(node, &c).await);
+    }
+    let sum = |f: fn(&cri::ContainerStats) -> Option<u64>| -> u64 {
+        containers.iter().filter_map(f).sum()
+    };
+    let cpu_ns = sum(|c| Some(c.cpu.as_ref()?.usage_core_nano_seconds.as_ref()?.value));
+    let nano_cores = sum(|c| Some(c.cpu.as_ref()?.usage_nano_cores.as_ref()?.value));
+    let mem = |f: fn(&cri::MemoryUsage) -> Option<&cri::UInt64Value>| -> u64 {
+        containers
+            .iter()
+            .filter_map(|c| Some(f(c.memory.as_ref()?)?.value))
+            .sum()
+    };
+    let sample = Sample {
+        cpu_ns,
+        memory_usage: mem(|m| m.usage_bytes.as_ref()),
+        working_set: mem(|m| m.working_set_bytes.as_ref()),
+        rss: mem(|m| m.rss_bytes.as_ref()),
+        page_faults: mem(|m| m.page_faults.as_ref()),
+        major_page_faults: mem(|m| m.major_page_faults.as_ref()),
+    };
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: s.id.clone(),
+            metadata: s.config.metadata.clone(),
+            labels: s.config.labels.clone(),
+            annotations: s.config.annotations.clone(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: Some(cri::CpuUsage {
+                timestamp: at,
+                usage_core_nano_seconds: value(cpu_ns),
+                usage_nano_cores: value(nano_cores),
+            }),
+            memory: Some(memory(at, &sample)),
+            network: None,
+            process: Some(cri::ProcessUsage {
+                timestamp: at,
+                process_count: None,
+            }),
+            containers,
+        }),
+        windows: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_metrics_decode_with_kubelets_working_set() {
+        let mut m = v1::Metrics::new();
+        m.mut_cpu().mut_usage().total = 5_000;
+        m.mut_memory().mut_usage().usage = 10_000;
+        m.mut_memory().total_inactive_file = 4_000;
+        m.mut_memory().total_rss = 3_000;
+        let any = Any {
+            type_url: "io.containerd.cgroups.v1.Metrics".into(),
+            value: m.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        let s = decode(&any).unwrap();
+        assert_eq!(s.cpu_ns, 5_000);
+        assert_eq!(s.working_set, 6_000);
+        assert_eq!(s.rss, 3_000);
+    }
+
+    #[test]
+    fn v2_metrics_decode_cpu_in_nanoseconds() {
+        let mut m = v2::Metrics::new();
+        m.mut_cpu().usage_usec = 7;
+        m.mut_memory().usage = 100;
+        m.mut_memory().inactive_file = 30;
+        let any = Any {
+            type_url: "io.containerd.cgroups.v2.Metrics".into(),
+            value: m.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        let s = decode(&any).unwrap();
+        assert_eq!(s.cpu_ns, 7_000);
+        assert_eq!(s.working_set, 70);
+        assert!(decode(&Any::default()).is_none());
+    }
+
+    #[test]
+    fn the_cpu_rate_needs_two_samples() {
+        let rates = CpuRates::default();
+        assert_eq!(rates.rate("c", 1_000_000_000, 0), None);
+        // Half a core over one second.
+        assert_eq!(
+            rates.rate("c", 2_000_000_000, 500_000_000),
+            Some(500_000_000)
+        );
+        // A counter that went backwards (a new task) gives no rate.
+        assert_eq!(rates.rate("c", 3_000_000_000, 1), None);
+    }
+}
