@@ -549,7 +549,7 @@ async fn read_capped(reader: &mut tokio::net::unix::pipe::Receiver) -> Vec<u8> {
 }
 
 /// The container's OCI spec, as written into its bundle.
-async fn container_spec(node: &Node, container: &Container) -> Result<oci_spec::runtime::Spec> {
+pub async fn container_spec(node: &Node, container: &Container) -> Result<oci_spec::runtime::Spec> {
     let state = node.tasks.state(TASK_NAMESPACE, &container.id, "").await?;
     let path = state.bundle.join("config.json");
     let bytes = tokio::fs::read(&path)

@@ -74,6 +74,22 @@ pub async fn within<T>(
     }
 }
 
+/// Like [`within`], for work that must not stop half-way (a sandbox half
+/// set up, an exec not yet killed): it runs as a task of its own, which the
+/// caller's deadline leaves running to its end; the caller gets
+/// DeadlineExceeded and kubelet's retry finds the finished result.
+pub async fn within_detached<T: Send + 'static>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let task = tokio::spawn(work);
+    within(deadline, async move {
+        task.await
+            .map_err(|e| Error::Internal(format!("the call's task failed: {e}")))?
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +129,21 @@ mod tests {
             Err(Error::DeadlineExceeded(_))
         ));
         assert_eq!(within(None, async { Ok(3) }).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn detached_work_finishes_after_the_deadline() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let at = Some(Instant::now() + Duration::from_millis(1));
+        let work = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(());
+            Ok(())
+        };
+        assert!(matches!(
+            within_detached(at, work).await,
+            Err(Error::DeadlineExceeded(_))
+        ));
+        rx.await.expect("the work ran to its end");
     }
 }

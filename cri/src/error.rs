@@ -172,9 +172,14 @@ fn cni_code(e: &crate::cni::CniError) -> Code {
 
 fn spec_code(e: &crate::spec::SpecError) -> Code {
     use crate::spec::SpecError as E;
+    use crate::seccomp::SeccompError as S;
     match e {
-        E::InvalidArgument(_) | E::Seccomp(_) => Code::InvalidArgument,
-        E::Io { .. } => Code::Internal,
+        E::InvalidArgument(_) => Code::InvalidArgument,
+        // A Localhost profile the node does not have: kubelet shows
+        // NotFound as the profile missing, as with containerd.
+        E::Seccomp(S::NotFound { .. }) => Code::NotFound,
+        E::Seccomp(S::Read { .. }) | E::Io { .. } => Code::Internal,
+        E::Seccomp(_) => Code::InvalidArgument,
     }
 }
 

@@ -17,7 +17,7 @@ use tonic::{Request, Response};
 
 use crate::cni::{self, NetworkStatus};
 use crate::config::{CgroupDriver, Config};
-use crate::deadline::{deadline, within};
+use crate::deadline::{deadline, within_detached};
 use crate::error::{not_yet, Error, Result, RpcResult};
 use crate::node::Node;
 use crate::{container, sandbox, stats};
@@ -63,6 +63,13 @@ impl CriRuntimeService {
     fn node(&self) -> Result<&Node> {
         self.node
             .as_deref()
+            .ok_or_else(|| Error::Internal("this RuntimeService serves no node".into()))
+    }
+
+    /// The node, owned: for work that runs as a task of its own.
+    fn shared_node(&self) -> Result<Arc<Node>> {
+        self.node
+            .clone()
             .ok_or_else(|| Error::Internal("this RuntimeService serves no node".into()))
     }
 
@@ -263,13 +270,14 @@ impl RuntimeService for CriRuntimeService {
         &self,
         request: Request<cri::RunPodSandboxRequest>,
     ) -> RpcResult<cri::RunPodSandboxResponse> {
-        let node = self.node()?;
+        let node = self.shared_node()?;
         let deadline = deadline(&request);
         let req = request.into_inner();
         let config = req
             .config
             .ok_or_else(|| Error::InvalidArgument("RunPodSandbox without a config".into()))?;
-        let id = within(deadline, sandbox::run(node, config, &req.runtime_handler)).await?;
+        let work = async move { sandbox::run(&node, config, &req.runtime_handler).await };
+        let id = within_detached(deadline, work).await?;
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
         }))
@@ -281,7 +289,8 @@ impl RuntimeService for CriRuntimeService {
     ) -> RpcResult<cri::StopPodSandboxResponse> {
         let deadline = deadline(&request);
         let id = request.into_inner().pod_sandbox_id;
-        within(deadline, sandbox::stop(self.node()?, &id)).await?;
+        let node = self.shared_node()?;
+        within_detached(deadline, async move { sandbox::stop(&node, &id).await }).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -291,7 +300,8 @@ impl RuntimeService for CriRuntimeService {
     ) -> RpcResult<cri::RemovePodSandboxResponse> {
         let deadline = deadline(&request);
         let id = request.into_inner().pod_sandbox_id;
-        within(deadline, sandbox::remove(self.node()?, &id)).await?;
+        let node = self.shared_node()?;
+        within_detached(deadline, async move { sandbox::remove(&node, &id).await }).await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
@@ -336,11 +346,9 @@ impl RuntimeService for CriRuntimeService {
         let config = req
             .config
             .ok_or_else(|| Error::InvalidArgument("CreateContainer without a config".into()))?;
-        let id = within(
-            deadline,
-            container::create(self.node()?, &req.pod_sandbox_id, config),
-        )
-        .await?;
+        let node = self.shared_node()?;
+        let work = async move { container::create(&node, &req.pod_sandbox_id, config).await };
+        let id = within_detached(deadline, work).await?;
         Ok(Response::new(cri::CreateContainerResponse {
             container_id: id,
         }))
@@ -352,7 +360,8 @@ impl RuntimeService for CriRuntimeService {
     ) -> RpcResult<cri::StartContainerResponse> {
         let deadline = deadline(&request);
         let id = request.into_inner().container_id;
-        within(deadline, container::start(self.node()?, &id)).await?;
+        let node = self.shared_node()?;
+        within_detached(deadline, async move { container::start(&node, &id).await }).await?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 
@@ -362,11 +371,9 @@ impl RuntimeService for CriRuntimeService {
     ) -> RpcResult<cri::StopContainerResponse> {
         let deadline = deadline(&request);
         let req = request.into_inner();
-        within(
-            deadline,
-            container::stop(self.node()?, &req.container_id, req.timeout),
-        )
-        .await?;
+        let node = self.shared_node()?;
+        let work = async move { container::stop(&node, &req.container_id, req.timeout).await };
+        within_detached(deadline, work).await?;
         Ok(Response::new(cri::StopContainerResponse {}))
     }
 
@@ -376,7 +383,8 @@ impl RuntimeService for CriRuntimeService {
     ) -> RpcResult<cri::RemoveContainerResponse> {
         let deadline = deadline(&request);
         let id = request.into_inner().container_id;
-        within(deadline, container::remove(self.node()?, &id)).await?;
+        let node = self.shared_node()?;
+        within_detached(deadline, async move { container::remove(&node, &id).await }).await?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
@@ -428,11 +436,10 @@ impl RuntimeService for CriRuntimeService {
     ) -> RpcResult<cri::ExecSyncResponse> {
         let deadline = deadline(&request);
         let req = request.into_inner();
-        let response = within(
-            deadline,
-            container::exec_sync(self.node()?, &req.container_id, req.cmd, req.timeout),
-        )
-        .await?;
+        let node = self.shared_node()?;
+        let work =
+            async move { container::exec_sync(&node, &req.container_id, req.cmd, req.timeout).await };
+        let response = within_detached(deadline, work).await?;
         Ok(Response::new(response))
     }
 
