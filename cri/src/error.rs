@@ -171,8 +171,8 @@ fn cni_code(e: &crate::cni::CniError) -> Code {
 }
 
 fn spec_code(e: &crate::spec::SpecError) -> Code {
-    use crate::spec::SpecError as E;
     use crate::seccomp::SeccompError as S;
+    use crate::spec::SpecError as E;
     match e {
         E::InvalidArgument(_) => Code::InvalidArgument,
         // A Localhost profile the node does not have: kubelet shows

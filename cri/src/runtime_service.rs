@@ -437,8 +437,9 @@ impl RuntimeService for CriRuntimeService {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let node = self.shared_node()?;
-        let work =
-            async move { container::exec_sync(&node, &req.container_id, req.cmd, req.timeout).await };
+        let work = async move {
+            container::exec_sync(&node, &req.container_id, req.cmd, req.timeout).await
+        };
         let response = within_detached(deadline, work).await?;
         Ok(Response::new(response))
     }
