@@ -18,6 +18,7 @@ use corral_runtime::task_service::{CreateTask, ExecProcess, Exit, Stdio};
 use k8s_cri::v1 as cri;
 use tokio::io::AsyncReadExt;
 
+use crate::container_io::Copiers;
 use crate::error::{Error, Result};
 use crate::node::{new_id, now_ns, to_ns, Container, Node, Sandbox, TASK_NAMESPACE};
 use crate::sandbox::{container_cgroups_path, labels_match, sandbox_name};
@@ -154,16 +155,31 @@ async fn create_task(
     spec::restrict_oom_score_adj(&mut spec, node.oom_floor);
     let spec = serde_json::to_vec(&spec)
         .map_err(|e| Error::Internal(format!("encode container spec: {e}")))?;
-    let log = if record.log_path.is_empty() {
-        String::new()
-    } else {
+    let tty = container.config.tty;
+    let mut stdio = Stdio {
+        terminal: tty,
+        ..Default::default()
+    };
+    let mut copy = None;
+    if !record.log_path.is_empty() {
         let path = Path::new(&record.log_path);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create log directory", dir, e))?;
         }
-        format!("{CRI_LOG_SCHEME}://{}", record.log_path)
-    };
-    let tty = container.config.tty;
+        if shim_writes_log(node, &sandbox_record.runtime_handler) {
+            let log = format!("{CRI_LOG_SCHEME}://{}", record.log_path);
+            stdio.stderr = if tty { String::new() } else { log.clone() };
+            stdio.stdout = log;
+        } else {
+            let (fifos, pending) = Copiers::prepare(&io_dir(node, &container.id), tty, path)?;
+            stdio.stdout = fifos.stdout.display().to_string();
+            stdio.stderr = fifos
+                .stderr
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            copy = Some(pending);
+        }
+    }
     let pid = node
         .tasks
         .create(CreateTask {
@@ -171,15 +187,13 @@ async fn create_task(
             id: container.id.clone(),
             spec,
             rootfs,
-            stdio: Stdio {
-                stdin: String::new(),
-                stdout: log.clone(),
-                stderr: if tty { String::new() } else { log },
-                terminal: tty,
-            },
+            stdio,
             runtime_handler: sandbox_record.runtime_handler,
         })
         .await?;
+    if let Some(pending) = copy {
+        node.copiers.start(&container.id, pending)?;
+    }
     {
         let mut r = container.record();
         r.pid = pid;
@@ -358,6 +372,8 @@ pub async fn remove_everything(node: &Node, container: &Container) -> Result<()>
     node.images
         .snapshots()
         .remove(&container.snapshot().snapshot)?;
+    node.copiers
+        .remove(&container.id, &io_dir(node, &container.id));
     node.store.delete_container(&container.id)?;
     node.forget_container(&container.id);
     if let Some(sandbox) = node.sandbox_by_exact_id(&container.sandbox_id) {
@@ -598,7 +614,29 @@ pub async fn reopen_log(node: &Node, query: &str) -> Result<()> {
             container.id
         )));
     }
+    if node.copiers.reopen(&container.id)? {
+        return Ok(());
+    }
     Ok(node.tasks.reopen_log(TASK_NAMESPACE, &container.id).await?)
+}
+
+/// Whether the handler's shim writes the CRI log itself (corral's shim) or
+/// corrald copies the output from FIFOs (any other containerd shim).
+pub fn shim_writes_log(node: &Node, handler: &str) -> bool {
+    node.config
+        .handlers()
+        .ok()
+        .and_then(|h| {
+            h.get(handler)
+                .ok()
+                .map(|h| h.shim == corral_proto::SHIM_RUNTIME_NAME)
+        })
+        .unwrap_or(true)
+}
+
+/// `<state>/io/<id>`: the FIFOs of a container whose log corrald writes.
+pub fn io_dir(node: &Node, id: &str) -> PathBuf {
+    node.config.state.join("io").join(id)
 }
 
 /// ContainerStatus.

@@ -14,6 +14,7 @@
 pub mod cni;
 pub mod config;
 pub mod container;
+pub mod container_io;
 pub mod daemon;
 pub mod deadline;
 pub mod error;

@@ -162,6 +162,25 @@ pub async fn recover(node: &Arc<Node>) -> Result<()> {
     Ok(())
 }
 
+/// Picks up copying the output of a container whose log corrald writes.
+fn resume_log_copy(node: &Node, c: &Container) {
+    let record = c.snapshot();
+    let handler = node
+        .sandbox_by_exact_id(&c.sandbox_id)
+        .map(|s| s.snapshot().runtime_handler)
+        .unwrap_or_default();
+    if record.log_path.is_empty() || container::shim_writes_log(node, &handler) {
+        return;
+    }
+    let dir = container::io_dir(node, &c.id);
+    let log = std::path::Path::new(&record.log_path);
+    let resumed = crate::container_io::Copiers::resume(&dir, log)
+        .and_then(|pending| node.copiers.start(&c.id, pending));
+    if let Err(e) = resumed {
+        tracing::warn!(container = %c.id, error = %e, "resuming the copy of a container's output");
+    }
+}
+
 /// Brings a container's record in line with its task after a restart.
 async fn reconcile_container(node: &Arc<Node>, c: &Container) {
     let state = c.record().state;
@@ -175,12 +194,15 @@ async fn reconcile_container(node: &Arc<Node>, c: &Container) {
                 delete_task_later(node, &c.id);
             }
             None if task.status == Status::RUNNING || task.status == Status::PAUSED => {
-                let mut r = c.record();
-                if r.state == ContainerState::Created {
-                    // Started, but the daemon died before recording it.
-                    r.state = ContainerState::Running;
-                    r.started_at = now_ns();
+                {
+                    let mut r = c.record();
+                    if r.state == ContainerState::Created {
+                        // Started, but the daemon died before recording it.
+                        r.state = ContainerState::Running;
+                        r.started_at = now_ns();
+                    }
                 }
+                resume_log_copy(node, c);
             }
             None => {}
         },

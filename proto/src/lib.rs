@@ -11,6 +11,10 @@ pub use containerd_shim_protos as containerd;
 pub use containerd_shim_protos::{protobuf, ttrpc};
 
 /// corral's own shim services (`corral.shim.v1`).
+/// The kubelet CRI log format and file, written by corral's shim and, for
+/// other shims' containers, by corrald.
+pub mod cri_log;
+
 pub mod shim {
     /// Messages of `corral.shim.v1.Log`.
     pub mod log {

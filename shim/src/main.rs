@@ -7,10 +7,10 @@
 //! - `delete`: clean up after a shim that died (exit status 137);
 //! - no action, with `-socket`: serve.
 
+use corral_proto::cri_log;
 mod bootstrap;
 mod cgroup;
 mod container;
-mod cri_log;
 mod delete;
 mod error;
 mod mount;

@@ -1,0 +1,231 @@
+//! Container output for shims other than corral's: FIFOs the shim writes,
+//! copied by corrald into the container's CRI log file.
+//!
+//! corral's own shim writes the CRI log itself (`cri-log://`), so its logs
+//! flow while no daemon runs. Any other containerd shim (a RuntimeClass
+//! handler such as `io.containerd.runc.v2`) only knows FIFOs; for those
+//! containers corrald copies, as containerd does, with the same record
+//! format (`corral_proto::cri_log`). While corrald is down their output
+//! waits in the pipes, and a restart resumes copying from them.
+//!
+//! Owns `<state>/io/<id>/{stdout,stderr}` and the copier threads; it does
+//! not start or stop processes.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use corral_proto::cri_log::{copy_lines, CriLogFile, Stream};
+
+use crate::error::{Error, Result};
+
+/// Copier threads move bytes, nothing more.
+const COPIER_STACK: usize = 64 * 1024;
+
+/// The FIFO paths a shim is given for one container.
+#[derive(Debug, Clone)]
+pub struct Fifos {
+    pub stdout: PathBuf,
+    /// `None` with a terminal: the shim writes everything to stdout.
+    pub stderr: Option<PathBuf>,
+}
+
+/// Read ends opened before the shim opens its write ends, plus write ends
+/// held until then: a FIFO without writers reads as end-of-file.
+pub struct PendingCopy {
+    readers: Vec<(Stream, File)>,
+    keepalive: Vec<File>,
+    log: PathBuf,
+}
+
+/// The log files corrald writes, by container, for ReopenContainerLog.
+#[derive(Debug, Default)]
+pub struct Copiers {
+    logs: Mutex<HashMap<String, Arc<CriLogFile>>>,
+}
+
+impl Copiers {
+    /// Creates the FIFOs of container `id` under `dir` and opens them for
+    /// reading; [`Copiers::start`] begins copying once the shim has them.
+    pub fn prepare(dir: &Path, tty: bool, log: &Path) -> Result<(Fifos, PendingCopy)> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create FIFO directory", dir, e))?;
+        let fifos = Fifos {
+            stdout: dir.join("stdout"),
+            stderr: (!tty).then(|| dir.join("stderr")),
+        };
+        let mut pending = PendingCopy {
+            readers: Vec::new(),
+            keepalive: Vec::new(),
+            log: log.to_path_buf(),
+        };
+        let streams = [
+            (Stream::Stdout, Some(&fifos.stdout)),
+            (Stream::Stderr, fifos.stderr.as_ref()),
+        ];
+        for (stream, path) in streams {
+            let Some(path) = path else { continue };
+            make_fifo(path)?;
+            pending.readers.push((stream, open_reader(path)?));
+            pending.keepalive.push(open_keepalive(path)?);
+        }
+        Ok((fifos, pending))
+    }
+
+    /// Re-opens the FIFOs of a running container after a restart; the
+    /// shim still holds their write ends.
+    pub fn resume(dir: &Path, log: &Path) -> Result<PendingCopy> {
+        let mut pending = PendingCopy {
+            readers: Vec::new(),
+            keepalive: Vec::new(),
+            log: log.to_path_buf(),
+        };
+        for (stream, name) in [(Stream::Stdout, "stdout"), (Stream::Stderr, "stderr")] {
+            let path = dir.join(name);
+            match open_reader(&path) {
+                Ok(file) => pending.readers.push((stream, file)),
+                Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Starts one copier thread per stream, writing into the log file.
+    pub fn start(&self, id: &str, pending: PendingCopy) -> Result<()> {
+        let log = CriLogFile::open(&pending.log)
+            .map_err(|e| Error::Internal(format!("container {id}: {e}")))?;
+        let log = Arc::new(log);
+        for (stream, reader) in pending.readers {
+            let log = log.clone();
+            let name = id.to_string();
+            std::thread::Builder::new()
+                .name(format!("log-{}", &id[..id.len().min(8)]))
+                .stack_size(COPIER_STACK)
+                .spawn(move || {
+                    if let Err(e) = copy_lines(reader, stream, &log) {
+                        tracing::warn!(container = %name, error = %e, "copying container output");
+                    }
+                })
+                .map_err(|e| Error::Internal(format!("start a log copier: {e}")))?;
+        }
+        // The shim has its write ends now: end-of-file will mean it is done.
+        drop(pending.keepalive);
+        lock(&self.logs).insert(id.to_string(), log);
+        Ok(())
+    }
+
+    /// Reopens a container's log file after kubelet renamed it; `false` if
+    /// corrald does not write this container's log.
+    pub fn reopen(&self, id: &str) -> Result<bool> {
+        let Some(log) = lock(&self.logs).get(id).cloned() else {
+            return Ok(false);
+        };
+        log.reopen()
+            .map_err(|e| Error::Internal(format!("container {id}: {e}")))?;
+        Ok(true)
+    }
+
+    /// Forgets a removed container and removes its FIFOs.
+    pub fn remove(&self, id: &str, dir: &Path) {
+        lock(&self.logs).remove(id);
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != ErrorKind::NotFound {
+                tracing::warn!(container = %id, error = %e, "removing FIFOs");
+            }
+        }
+    }
+}
+
+fn make_fifo(path: &Path) -> Result<()> {
+    match nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(Error::io("create FIFO", path, e.into())),
+    }
+}
+
+/// A blocking read end: opened non-blocking (a FIFO's open waits for a
+/// writer otherwise), then switched to blocking for the copier thread.
+fn open_reader(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io("open FIFO", path, e))?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+    let ok = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(Error::io(
+            "make FIFO blocking",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}
+
+fn open_keepalive(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io("open FIFO", path, e))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn output_written_to_the_fifos_lands_in_the_log_in_cri_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c.log");
+        let copiers = Copiers::default();
+        let (fifos, pending) = Copiers::prepare(&dir.path().join("io"), false, &log).unwrap();
+        // The shim's side: write ends opened before the copy starts.
+        let mut out = OpenOptions::new().write(true).open(&fifos.stdout).unwrap();
+        let mut err = OpenOptions::new()
+            .write(true)
+            .open(fifos.stderr.as_ref().unwrap())
+            .unwrap();
+        copiers.start("c1", pending).unwrap();
+        out.write_all(b"hello\n").unwrap();
+        err.write_all(b"oops\n").unwrap();
+        drop(out);
+        drop(err);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().count() == 2 || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(
+            text.lines().any(|l| l.ends_with(" stdout F hello")),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l.ends_with(" stderr F oops")),
+            "{text}"
+        );
+
+        std::fs::rename(&log, dir.path().join("c.log.1")).unwrap();
+        assert!(copiers.reopen("c1").unwrap());
+        assert!(log.exists(), "reopen makes a new file at the path at once");
+        assert!(!copiers.reopen("unknown").unwrap());
+        copiers.remove("c1", &dir.path().join("io"));
+        assert!(!dir.path().join("io").exists());
+    }
+}
