@@ -12,11 +12,12 @@
 //! so a RunPodSandbox that fails half-way, a StopPodSandbox, a retry of
 //! either, and a recovery after a crash all use it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use corral_runtime::task_service::{CreateTask, Stdio};
+use corral_runtime::image::ImageError;
+use corral_runtime::task_service::{CreateTask, Mount, Stdio};
 use k8s_cri::v1 as cri;
 
 use crate::cni::{Bandwidth, PodNetwork, PortMapping};
@@ -114,14 +115,22 @@ fn prepare_files(sandbox: &Sandbox) -> Result<()> {
 }
 
 async fn start_pause(node: &Node, sandbox: &Sandbox) -> Result<()> {
+    let (args, rootfs_dir, rootfs) = match node.config.sandbox_image.as_str() {
+        "" => (
+            pause::PAUSE_ARGS.iter().map(|s| s.to_string()).collect(),
+            node.pause_rootfs.clone(),
+            Vec::new(),
+        ),
+        image => sandbox_image(node, sandbox, image).await?,
+    };
     let record = sandbox.snapshot();
     let shm = sandbox.dir.join("shm");
     let has_shm = namespace_mode(&sandbox.config, |o| o.ipc) != cri::NamespaceMode::Node;
     let input = spec::SandboxSpecInput {
         id: &sandbox.id,
         config: &sandbox.config,
-        pause_args: pause::PAUSE_ARGS.iter().map(|s| s.to_string()).collect(),
-        rootfs: &node.pause_rootfs,
+        pause_args: args,
+        rootfs: &rootfs_dir,
         netns: record.netns.as_deref(),
         cgroups_path: record.cgroups_path.clone(),
         shm: has_shm.then_some(shm.as_path()),
@@ -135,7 +144,7 @@ async fn start_pause(node: &Node, sandbox: &Sandbox) -> Result<()> {
             namespace: TASK_NAMESPACE.into(),
             id: sandbox.id.clone(),
             spec,
-            rootfs: Vec::new(),
+            rootfs,
             stdio: Stdio::default(),
             runtime_handler: record.runtime_handler.clone(),
         })
@@ -146,6 +155,46 @@ async fn start_pause(node: &Node, sandbox: &Sandbox) -> Result<()> {
         .await?;
     sandbox.record().pid = pid;
     Ok(())
+}
+
+/// The configured `sandbox_image` instead of the built-in pause: pulled if
+/// the node lacks it, run on a writable snapshot of its layers (runc makes
+/// its mount points there; the spec's root is read-only all the same).
+async fn sandbox_image(
+    node: &Node,
+    sandbox: &Sandbox,
+    reference: &str,
+) -> Result<(Vec<String>, PathBuf, Vec<Mount>)> {
+    let image = match node.images.get(reference).await {
+        Ok(image) => image,
+        Err(ImageError::NotFound(_)) => node.images.pull(reference, None).await?,
+        Err(e) => return Err(e.into()),
+    };
+    let config = &image.config;
+    let args: Vec<String> = config
+        .entrypoint
+        .iter()
+        .chain(&config.cmd)
+        .cloned()
+        .collect();
+    if args.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "sandbox_image {reference} has neither an entrypoint nor a command"
+        )));
+    }
+    sandbox.record().image = Some(reference.to_string());
+    persist(node, sandbox)?;
+    let mounts = node
+        .images
+        .snapshots()
+        .prepare(&sandbox_snapshot(&sandbox.id), image.top_chain())?;
+    // Relative: the bundle's rootfs, where the shim mounts the snapshot.
+    Ok((args, PathBuf::from("rootfs"), mounts))
+}
+
+/// The key of a sandbox's snapshot of its `sandbox_image`.
+fn sandbox_snapshot(id: &str) -> String {
+    format!("sandbox-{id}")
 }
 
 /// StopPodSandbox: every container stopped, the pause process gone, the
@@ -189,6 +238,11 @@ pub async fn remove_everything(node: &Node, sandbox: &Sandbox) -> Result<()> {
     stop_pause(node, sandbox).await?;
     take_down_network(node, sandbox).await?;
     sandbox_files::remove_all(&sandbox.dir)?;
+    if sandbox.snapshot().image.is_some() {
+        node.images
+            .snapshots()
+            .remove(&sandbox_snapshot(&sandbox.id))?;
+    }
     node.store.delete_sandbox(&sandbox.id)?;
     node.forget_sandbox(&sandbox.id);
     node.release_name(&sandbox_name(&sandbox.metadata()));
