@@ -125,6 +125,12 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
 /// The task service re-attached to the shims an earlier daemon left, and
 /// the pods and containers recovered from the metadata store.
 async fn start_node(config: &Arc<Config>, images: ImageStore) -> Result<Arc<Node>> {
+    if !config.metrics.address.is_empty() {
+        tracing::warn!(
+            address = %config.metrics.address,
+            "metrics.address is set, but this corrald serves no Prometheus metrics yet"
+        );
+    }
     let pause_rootfs = pause::install_rootfs(&config.root.join("pause"))?;
     let tasks = TaskService::start(TaskServiceConfig {
         shims: ShimManagerConfig {
