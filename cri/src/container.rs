@@ -20,7 +20,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::container_io::Copiers;
 use crate::error::{Error, Result};
-use crate::node::{new_id, now_ns, to_ns, Container, Node, Sandbox, TASK_NAMESPACE};
+use crate::node::{
+    ignore_not_found, new_id, now_ns, to_ns, Container, Node, Sandbox, TASK_NAMESPACE,
+};
 use crate::sandbox::{container_cgroups_path, labels_match, sandbox_name};
 use crate::spec;
 use crate::store::{ContainerRecord, ContainerState, SandboxState};
@@ -766,13 +768,6 @@ pub fn persist(node: &Node, container: &Container) -> Result<()> {
     Ok(node
         .store
         .put_container(&container.snapshot(), &container.config)?)
-}
-
-fn ignore_not_found(result: corral_runtime::Result<()>) -> Result<()> {
-    match result {
-        Err(corral_runtime::Error::NotFound(_)) => Ok(()),
-        other => other.map_err(Error::from),
-    }
 }
 
 /// The image's layer directories, top first: where the spec looks up users.

@@ -303,6 +303,14 @@ fn optional<T>(found: Result<Arc<T>>) -> Result<Option<Arc<T>>> {
     }
 }
 
+/// A task that is already gone is what Stop and Remove want.
+pub fn ignore_not_found(result: corral_runtime::Result<()>) -> Result<()> {
+    match result {
+        Err(corral_runtime::Error::NotFound(_)) => Ok(()),
+        other => other.map_err(Error::from),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The data behind these locks stays consistent field by field; a panic
     // elsewhere must not make every later RPC fail.

@@ -24,7 +24,9 @@ use crate::cni::{Bandwidth, PodNetwork, PortMapping};
 use crate::config::CgroupDriver;
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::node::{namespace_mode, new_id, now_ns, Node, Sandbox, TASK_NAMESPACE};
+use crate::node::{
+    ignore_not_found, namespace_mode, new_id, now_ns, Node, Sandbox, TASK_NAMESPACE,
+};
 use crate::store::{SandboxRecord, SandboxState};
 use crate::{pause, sandbox_files, spec};
 
@@ -291,13 +293,6 @@ async fn take_down_network(node: &Node, sandbox: &Sandbox) -> Result<()> {
     NetNs::open(&path).map(|ns| ns.remove()).ok().transpose()?;
     sandbox.record().netns = None;
     persist(node, sandbox)
-}
-
-fn ignore_not_found(result: corral_runtime::Result<()>) -> Result<()> {
-    match result {
-        Err(corral_runtime::Error::NotFound(_)) => Ok(()),
-        other => other.map_err(Error::from),
-    }
 }
 
 fn persist(node: &Node, sandbox: &Sandbox) -> Result<()> {
