@@ -454,14 +454,17 @@ async fn run_exec(
     tasks
         .start_process(TASK_NAMESPACE, &container.id, exec_id)
         .await?;
-    // The shim holds the write ends now: EOF will mean the process is done.
-    drop(keepalive);
     let run = async {
-        let (out, err, exit) = tokio::join!(
-            read_capped(&mut stdout),
-            read_capped(&mut stderr),
-            tasks.wait(TASK_NAMESPACE, &container.id, exec_id)
-        );
+        // Our write ends stay open until the process has exited: the shim
+        // may open its own only after Start returns, and a FIFO with no
+        // writer at all reads as end-of-file, losing the output.
+        let waited = async {
+            let exit = tasks.wait(TASK_NAMESPACE, &container.id, exec_id).await;
+            drop(keepalive);
+            exit
+        };
+        let (out, err, exit) =
+            tokio::join!(read_capped(&mut stdout), read_capped(&mut stderr), waited);
         Ok::<_, Error>((out, err, exit?))
     };
     let outcome = if timeout > 0 {

@@ -37,6 +37,7 @@ use crate::node::Node;
 use crate::pause;
 use crate::runtime_service::CriRuntimeService;
 use crate::store::Store;
+use crate::streaming::StreamingServer;
 
 /// Owner and group may connect: the group is how an operator lets a
 /// non-root crictl in without opening the runtime to every local user.
@@ -69,7 +70,14 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
     store_options.registry = config.registry_config();
     let store = ImageStore::open(store_options).await.map_err(Error::from)?;
     let node = start_node(&config, store.clone()).await?;
-    let runtime = CriRuntimeService::new(config.clone())?.with_node(node.clone());
+    let streaming = StreamingServer::start(
+        &config.streaming.address,
+        config.streaming.port,
+        Arc::downgrade(&node),
+    )
+    .await?;
+    tracing::info!(address = %streaming.address(), "streaming server for exec and port-forward");
+    let runtime = CriRuntimeService::new(config.clone())?.with_node(node.clone(), streaming);
     let images = CriImageService::new(store);
     let (listener, socket) = CriSocket::bind(&config.socket).await?;
     tracing::info!(

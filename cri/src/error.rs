@@ -83,6 +83,9 @@ pub enum Error {
     #[error(transparent)]
     Pause(#[from] crate::pause::PauseError),
 
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::StreamingError),
+
     /// Another process answers on the socket: two daemons must not share
     /// one root and one socket.
     #[error("another corrald is already serving on {0}; refusing to start")]
@@ -137,6 +140,7 @@ impl From<Error> for Status {
             Error::Cni(ref e) => Status::new(cni_code(e), err.to_string()),
             Error::Spec(ref e) => Status::new(spec_code(e), err.to_string()),
             Error::SandboxFiles(ref e) => Status::new(sandbox_files_code(e), err.to_string()),
+            Error::Streaming(ref e) => Status::new(streaming_code(e), err.to_string()),
             // Startup failures never reach a client; should one be raised
             // while serving, it is the daemon's own fault, not the caller's.
             Error::Config(_)
@@ -180,6 +184,19 @@ fn spec_code(e: &crate::spec::SpecError) -> Code {
         E::Seccomp(S::NotFound { .. }) => Code::NotFound,
         E::Seccomp(S::Read { .. }) | E::Io { .. } => Code::Internal,
         E::Seccomp(_) => Code::InvalidArgument,
+    }
+}
+
+fn streaming_code(e: &crate::streaming::StreamingError) -> Code {
+    use crate::streaming::StreamingError as E;
+    match e {
+        E::InvalidArgument(_) => Code::InvalidArgument,
+        E::NotFound(_) => Code::NotFound,
+        E::FailedPrecondition(_) => Code::FailedPrecondition,
+        E::Unimplemented(_) => Code::Unimplemented,
+        E::ResourceExhausted(_) => Code::ResourceExhausted,
+        E::ShuttingDown => Code::Unavailable,
+        E::Io { .. } | E::Runtime(_) => Code::Internal,
     }
 }
 

@@ -30,6 +30,7 @@ pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod store;
+pub mod streaming;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use crate::config::{CgroupDriver, Config};
 use crate::deadline::{deadline, within_detached};
 use crate::error::{not_yet, Error, Result, RpcResult};
 use crate::node::Node;
+use crate::streaming::StreamingServer;
 use crate::{container, sandbox, stats};
 
 /// Condition types kubelet requires (cri-api `RuntimeReady`, `NetworkReady`).
@@ -39,6 +40,8 @@ pub struct CriRuntimeService {
     /// The pods and containers; `None` only in unit tests of the
     /// node-level RPCs, which need no task service.
     node: Option<Arc<Node>>,
+    /// Serves the URLs Exec, Attach and PortForward hand out.
+    streaming: Option<Arc<StreamingServer>>,
 }
 
 impl CriRuntimeService {
@@ -51,13 +54,21 @@ impl CriRuntimeService {
             handlers,
             pod_cidr: RwLock::new(String::new()),
             node: None,
+            streaming: None,
         })
     }
 
-    /// Serves pods and containers on `node`.
-    pub fn with_node(mut self, node: Arc<Node>) -> Self {
+    /// Serves pods and containers on `node`, streaming through `streaming`.
+    pub fn with_node(mut self, node: Arc<Node>, streaming: Arc<StreamingServer>) -> Self {
         self.node = Some(node);
+        self.streaming = Some(streaming);
         self
+    }
+
+    fn streaming(&self) -> Result<&StreamingServer> {
+        self.streaming
+            .as_deref()
+            .ok_or_else(|| Error::Internal("this RuntimeService serves no streaming".into()))
     }
 
     fn node(&self) -> Result<&Node> {
@@ -444,22 +455,31 @@ impl RuntimeService for CriRuntimeService {
         Ok(Response::new(response))
     }
 
-    async fn exec(&self, _request: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
-        not_yet("Exec")
+    async fn exec(&self, request: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
+        let url = self
+            .streaming()?
+            .exec_url(request.into_inner())
+            .map_err(Error::from)?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
-    async fn attach(
-        &self,
-        _request: Request<cri::AttachRequest>,
-    ) -> RpcResult<cri::AttachResponse> {
-        not_yet("Attach")
+    async fn attach(&self, request: Request<cri::AttachRequest>) -> RpcResult<cri::AttachResponse> {
+        let url = self
+            .streaming()?
+            .attach_url(request.into_inner())
+            .map_err(Error::from)?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
-        _request: Request<cri::PortForwardRequest>,
+        request: Request<cri::PortForwardRequest>,
     ) -> RpcResult<cri::PortForwardResponse> {
-        not_yet("PortForward")
+        let url = self
+            .streaming()?
+            .port_forward_url(request.into_inner())
+            .map_err(Error::from)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(
