@@ -216,6 +216,9 @@ pub async fn start(node: &Node, query: &str) -> Result<()> {
             state_name(state)
         )));
     }
+    // Taken before the call: a process that exits at once is reported
+    // exited with the shim's time, which must not precede its start.
+    let started_at = now_ns();
     match node
         .tasks
         .start_process(TASK_NAMESPACE, &container.id, "")
@@ -225,7 +228,7 @@ pub async fn start(node: &Node, query: &str) -> Result<()> {
             {
                 let mut r = container.record();
                 r.pid = pid;
-                r.started_at = now_ns();
+                r.started_at = started_at;
                 // An exit reported before this point (a process that ends at
                 // once) has already moved it on.
                 if r.state == ContainerState::Created {

@@ -58,10 +58,21 @@ async fn handle(node: &Arc<Node>, event: TaskEvent) {
 fn on_exit(node: &Arc<Node>, id: &str, status: u32, at: i64) {
     if let Some(c) = node.container_by_exact_id(id) {
         tracing::info!(container = %id, status, "container exited");
-        if let Err(e) = container::mark_exited(node, &c, status, at) {
-            tracing::warn!(container = %id, error = %e, "recording an exit");
-        }
-        delete_task_later(node, id);
+        // Recorded under the container's operation lock: a StartContainer
+        // still publishing STARTED for a process that ended at once goes
+        // first, so kubelet sees STARTED before STOPPED.
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _op = c.op.lock().await;
+            // Removed meanwhile: nothing to record, and no record to revive.
+            if node.container_by_exact_id(&c.id).is_none() {
+                return;
+            }
+            if let Err(e) = container::mark_exited(&node, &c, status, at) {
+                tracing::warn!(container = %c.id, error = %e, "recording an exit");
+            }
+            delete_task_later(&node, &c.id);
+        });
     } else if let Some(s) = node.sandbox_by_exact_id(id) {
         tracing::info!(sandbox = %id, status, "pause process exited");
         mark_not_ready(node, &s);

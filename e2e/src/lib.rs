@@ -17,6 +17,9 @@
 //! - [`cri`]: corrald started with a test's config, and a CRI client on its socket.
 //! - [`registry`]: Debian's docker-registry on loopback, and pushing a busybox image to it.
 //! - [`runtime`]: corral's runtime layer (TaskService) over real shims.
+//! - [`image_builder`]: images built in memory (hostile layers included), pushed or saved.
+//! - [`pod`]: a node for pod tests: corrald, a CNI bridge of its own, a registry, an image.
+//! - [`streaming_client`]: SPDY/3.1 and WebSocket clients of the streaming server.
 
 pub mod bench;
 pub mod bin;
@@ -25,11 +28,14 @@ pub mod cleanup;
 pub mod cri;
 pub mod error;
 pub mod events;
+pub mod image_builder;
+pub mod pod;
 pub mod registry;
 pub mod rootfs;
 pub mod runc;
 pub mod runtime;
 pub mod shim;
+pub mod streaming_client;
 pub mod task;
 pub mod unique;
 

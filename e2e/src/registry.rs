@@ -5,16 +5,29 @@
 //!
 //! [`Registry::push_busybox`] pushes a one-layer image (busybox-static as
 //! `/bin/busybox`, an OCI config with a chosen `USER`) with the distribution
-//! push API over plain HTTP, so that a test can pull it through corrald.
+//! push API over plain HTTP, so that a test can pull it through corrald;
+//! [`Registry::push_image`] pushes any [`BuiltImage`]. A registry started
+//! with [`RegistryOptions::htpasswd`] asks for Basic auth, and the pushes
+//! send it. [`Registry::blob_path`] is where the registry keeps a blob's
+//! bytes, for a test that corrupts them.
+//!
+//! [`RegistryFront`] stands on its own port in front of a registry and
+//! answers chosen paths itself (a manifest of a kind no registry would
+//! store), passing everything else through.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Error, Result};
+use crate::image_builder::{oci_arch, BuiltImage};
 
 /// Where Debian's busybox-static installs its binary.
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -38,12 +51,23 @@ pub struct PushedImage {
 /// Status, headers (lower-cased names) and body of one HTTP response.
 type HttpResponse = (u16, Vec<(String, String)>, Vec<u8>);
 
+/// How a registry is set up.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// A user and password the registry asks for with Basic auth (an
+    /// `htpasswd` file made with `htpasswd -B` from apache2-utils). Pushes
+    /// send them; pulls must bring their own.
+    pub htpasswd: Option<(String, String)>,
+}
+
 /// A running `docker-registry serve`.
 #[derive(Debug)]
 pub struct Registry {
     child: Child,
     dir: PathBuf,
     host: String,
+    /// The `Authorization` header pushes send.
+    authorization: Option<String>,
 }
 
 fn free_port() -> Result<u16> {
@@ -70,19 +94,15 @@ fn sha256(path: &Path) -> Result<String> {
     Ok(format!("sha256:{hex}"))
 }
 
-fn oci_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
-
 impl Registry {
     /// Starts a registry whose storage lives in a new directory `dir`
     /// (removed on drop).
     pub fn start(dir: impl Into<PathBuf>) -> Result<Registry> {
+        Registry::start_with(dir, &RegistryOptions::default())
+    }
+
+    /// [`Registry::start`] with `options`.
+    pub fn start_with(dir: impl Into<PathBuf>, options: &RegistryOptions) -> Result<Registry> {
         let dir = dir.into();
         if !Path::new(REGISTRY_BIN).exists() {
             return Err(Error::Unavailable(format!(
@@ -90,11 +110,22 @@ impl Registry {
             )));
         }
         std::fs::create_dir_all(&dir).context(|| format!("create {}", dir.display()))?;
+        let (auth, authorization) = match &options.htpasswd {
+            Some((user, password)) => {
+                let file = write_htpasswd(&dir, user, password)?;
+                let section = format!(
+                    "auth:\n  htpasswd:\n    realm: corral-e2e\n    path: {}\n",
+                    file.display()
+                );
+                (section, Some(basic_authorization(user, password)))
+            }
+            None => (String::new(), None),
+        };
         for _ in 0..5 {
             let port = free_port()?;
             let config = format!(
                 "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                 rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
                 dir.join("data").display()
             );
             let config_path = dir.join("config.yml");
@@ -126,6 +157,7 @@ impl Registry {
                         child,
                         dir,
                         host: format!("127.0.0.1:{port}"),
+                        authorization,
                     });
                 }
                 if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
@@ -174,6 +206,9 @@ impl Registry {
         );
         if let Some(ct) = content_type {
             head.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        if let Some(authorization) = &self.authorization {
+            head.push_str(&format!("Authorization: {authorization}\r\n"));
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).context(what)?;
@@ -331,6 +366,100 @@ impl Registry {
             size: (layer.len() + config.len()) as u64,
         })
     }
+
+    /// Pushes `image` as `repo:tag`: its layers and config, then its
+    /// manifest (with the media type it names).
+    pub fn push_image(&self, repo: &str, tag: &str, image: &BuiltImage) -> Result<PushedImage> {
+        for layer in &image.layers {
+            self.push_blob(repo, &layer.digest, &layer.blob)?;
+        }
+        self.push_blob(repo, &image.config_digest, &image.config)?;
+        self.push_manifest(repo, tag, &image.media_type, &image.manifest)?;
+        let repository = format!("{}/{repo}", self.host);
+        Ok(PushedImage {
+            reference: format!("{repository}:{tag}"),
+            repository,
+            id: image.config_digest.clone(),
+            manifest_digest: image.manifest_digest.clone(),
+            size: image.size(),
+        })
+    }
+
+    /// Puts `manifest` under `repo:reference`.
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        manifest: &[u8],
+    ) -> Result<()> {
+        let got = self.request(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            Some(media_type),
+            manifest,
+        )?;
+        self.expect(201, got, &format!("push manifest {repo}:{reference}"))
+            .map(|_| ())
+    }
+
+    /// Where the registry's filesystem storage keeps the bytes of blob
+    /// `digest` (`sha256:…`).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or_default())
+            .join(hex)
+            .join("data")
+    }
+}
+
+/// `user:bcrypt` in `dir/htpasswd`, made by apache2-utils' `htpasswd -B`
+/// (docker-registry reads bcrypt entries only).
+fn write_htpasswd(dir: &Path, user: &str, password: &str) -> Result<PathBuf> {
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", user, password])
+        .output()
+        .context(|| "run htpasswd (apache2-utils)".to_string())?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: "htpasswd -Bbn".into(),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    let file = dir.join("htpasswd");
+    std::fs::write(&file, &out.stdout).context(|| format!("write {}", file.display()))?;
+    Ok(file)
+}
+
+/// `Basic <base64(user:password)>`.
+pub fn basic_authorization(user: &str, password: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
+}
+
+/// Standard base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// The body of a `Transfer-Encoding: chunked` response.
@@ -359,5 +488,161 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What [`RegistryFront`] answers for one path instead of the registry.
+#[derive(Debug, Clone)]
+pub struct Canned {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// A plain-HTTP front on its own loopback port: requests for the paths it
+/// was given are answered with their [`Canned`] response (a HEAD with its
+/// headers only), everything else is passed to the registry behind it and
+/// its answer back, byte for byte. One request per connection; stopped on
+/// drop.
+pub struct RegistryFront {
+    host: String,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl RegistryFront {
+    /// Starts a front for the registry at `upstream` (`127.0.0.1:PORT`);
+    /// `canned` maps request paths (`/v2/repo/manifests/tag`, no query) to
+    /// their answers.
+    pub fn start(upstream: &str, canned: HashMap<String, Canned>) -> Result<RegistryFront> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").context(|| "bind a registry front".to_string())?;
+        let host = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .context(|| "registry front address".to_string())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let upstream = upstream.to_string();
+        let canned = Arc::new(canned);
+        let stopping = stop.clone();
+        let acceptor = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let upstream = upstream.clone();
+                let canned = canned.clone();
+                // A failed exchange is the client's to notice: it sees the
+                // connection close without an answer.
+                std::thread::spawn(move || {
+                    let _ = serve_front(conn, &upstream, &canned);
+                });
+            }
+        });
+        Ok(RegistryFront {
+            host,
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// `127.0.0.1:PORT`, as image references name it.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl Drop for RegistryFront {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the blocking accept so that it sees the flag.
+        let _ = TcpStream::connect(&self.host);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn serve_front(
+    mut client: TcpStream,
+    upstream: &str,
+    canned: &HashMap<String, Canned>,
+) -> std::io::Result<()> {
+    let timeout = Some(Duration::from_secs(30));
+    client.set_read_timeout(timeout)?;
+    let head = read_head(&mut client)?;
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut request_line = text.lines().next().unwrap_or_default().split_whitespace();
+    let method = request_line.next().unwrap_or_default().to_string();
+    let target = request_line.next().unwrap_or_default();
+    let path = target.split('?').next().unwrap_or_default();
+    if let Some(answer) = canned.get(path) {
+        let mut reply = format!(
+            "HTTP/1.1 {} Canned\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+             Docker-Distribution-Api-Version: registry/2.0\r\nConnection: close\r\n\r\n",
+            answer.status,
+            answer.content_type,
+            answer.body.len()
+        )
+        .into_bytes();
+        if method != "HEAD" {
+            reply.extend_from_slice(&answer.body);
+        }
+        return client.write_all(&reply);
+    }
+    // GET and HEAD carry no body: the head is the whole request. The
+    // registry closes after its answer, which ends the copy.
+    let mut forwarded = String::new();
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if name != "connection" && name != "keep-alive" {
+            forwarded.push_str(line);
+            forwarded.push_str("\r\n");
+        }
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut registry = TcpStream::connect(upstream)?;
+    registry.set_read_timeout(timeout)?;
+    registry.write_all(forwarded.as_bytes())?;
+    std::io::copy(&mut registry, &mut client)?;
+    Ok(())
+}
+
+/// The request head, up to and without its blank line.
+fn read_head(conn: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 * 1024 || conn.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "request head not terminated",
+            ));
+        }
+        head.push(byte[0]);
+    }
+    head.truncate(head.len() - 4);
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_pads_as_the_standard_says() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(
+            basic_authorization("user", "pa:ss"),
+            "Basic dXNlcjpwYTpzcw=="
+        );
     }
 }
