@@ -204,15 +204,27 @@ async fn unimplemented_rpcs_say_which() {
     let mut client = client(&daemon).await;
 
     let err = with_timeout(
+        "CheckpointContainer",
+        client
+            .runtime
+            .checkpoint_container(api::CheckpointContainerRequest::default()),
+    )
+    .await
+    .expect_err("not implemented yet");
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert!(err.message().contains("CheckpointContainer"), "{err:?}");
+
+    // A pod call without its config is refused for that reason, by name.
+    let err = with_timeout(
         "RunPodSandbox",
         client
             .runtime
             .run_pod_sandbox(api::RunPodSandboxRequest::default()),
     )
     .await
-    .expect_err("not implemented yet");
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    assert!(err.message().contains("RunPodSandbox"), "{err:?}");
+    .expect_err("no config");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("config"), "{err:?}");
 }
 
 #[test]
