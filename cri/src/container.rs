@@ -18,7 +18,7 @@ use corral_runtime::task_service::{CreateTask, ExecProcess, Exit, Stdio};
 use k8s_cri::v1 as cri;
 use tokio::io::AsyncReadExt;
 
-use crate::container_io::Copiers;
+use crate::container_io::{make_fifo, Copiers};
 use crate::error::{Error, Result};
 use crate::node::{
     ignore_not_found, new_id, now_ns, to_ns, Container, Node, Sandbox, TASK_NAMESPACE,
@@ -515,11 +515,7 @@ impl ExecFifos {
             stderr: dir.join("stderr"),
         };
         for path in [&fifos.stdout, &fifos.stderr] {
-            nix::unistd::mkfifo(
-                path.as_path(),
-                nix::sys::stat::Mode::from_bits_truncate(0o600),
-            )
-            .map_err(|e| Error::io("create FIFO", path, e.into()))?;
+            make_fifo(path)?;
         }
         Ok(fifos)
     }
@@ -631,14 +627,9 @@ pub async fn reopen_log(node: &Node, query: &str) -> Result<()> {
 /// Whether the handler's shim writes the CRI log itself (corral's shim) or
 /// corrald copies the output from FIFOs (any other containerd shim).
 pub fn shim_writes_log(node: &Node, handler: &str) -> bool {
-    node.config
-        .handlers()
-        .ok()
-        .and_then(|h| {
-            h.get(handler)
-                .ok()
-                .map(|h| h.shim == corral_proto::SHIM_RUNTIME_NAME)
-        })
+    node.handlers
+        .get(handler)
+        .map(|h| h.shim == corral_proto::SHIM_RUNTIME_NAME)
         .unwrap_or(true)
 }
 
@@ -855,7 +846,7 @@ fn validate(config: &cri::ContainerConfig) -> Result<cri::ContainerMetadata> {
 /// The name a container reserves: unique per pod attempt and container
 /// attempt, as kubelet composes it.
 pub fn container_name(c: &cri::ContainerMetadata, pod: &cri::PodSandboxMetadata) -> String {
-    format!("{}_{}", c.name, sandbox_name(pod)) + &format!("_{}", c.attempt)
+    format!("{}_{}_{}", c.name, sandbox_name(pod), c.attempt)
 }
 
 /// A signal by name (`SIGTERM`, `TERM`) or number; SIGTERM when empty or

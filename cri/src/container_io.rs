@@ -140,7 +140,9 @@ impl Copiers {
     }
 }
 
-fn make_fifo(path: &Path) -> Result<()> {
+/// A FIFO only the daemon (root) reads and writes; one already there is
+/// kept.
+pub fn make_fifo(path: &Path) -> Result<()> {
     match nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
         Err(e) => Err(Error::io("create FIFO", path, e.into())),

@@ -140,6 +140,7 @@ async fn start_node(config: &Arc<Config>, images: ImageStore) -> Result<Arc<Node
         );
     }
     let pause_rootfs = pause::install_rootfs(&config.root.join("pause"))?;
+    let handlers = config.handlers()?;
     let tasks = TaskService::start(TaskServiceConfig {
         shims: ShimManagerConfig {
             root: config.root.join("tasks"),
@@ -151,7 +152,7 @@ async fn start_node(config: &Arc<Config>, images: ImageStore) -> Result<Arc<Node
             debug: false,
         },
         events_socket: config.state.join("events.sock"),
-        handlers: config.handlers()?,
+        handlers: handlers.clone(),
     })
     .await?;
     // Subscribed before re-attaching: the exits re-attaching reports
@@ -166,6 +167,7 @@ async fn start_node(config: &Arc<Config>, images: ImageStore) -> Result<Arc<Node
     );
     let node = Arc::new(Node::new(
         config.clone(),
+        handlers,
         tasks,
         images,
         cni,

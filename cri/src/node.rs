@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use corral_runtime::handlers::Handlers;
 use corral_runtime::image::ImageStore;
 use corral_runtime::task_service::TaskService;
 use k8s_cri::v1 as cri;
@@ -131,6 +132,8 @@ struct Index {
 /// Everything a pod or container operation needs.
 pub struct Node {
     pub config: Arc<Config>,
+    /// The configured runtime handlers, built once from `config`.
+    pub handlers: Handlers,
     pub tasks: Arc<TaskService>,
     pub images: ImageStore,
     pub cni: CniManager,
@@ -155,6 +158,7 @@ const EVENT_BUFFER: usize = 1024;
 impl Node {
     pub fn new(
         config: Arc<Config>,
+        handlers: Handlers,
         tasks: Arc<TaskService>,
         images: ImageStore,
         cni: CniManager,
@@ -163,6 +167,7 @@ impl Node {
     ) -> Node {
         Node {
             config,
+            handlers,
             tasks,
             images,
             cni,

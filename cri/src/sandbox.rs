@@ -36,7 +36,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// RunPodSandbox: returns the new sandbox's id.
 pub async fn run(node: &Node, config: cri::PodSandboxConfig, handler: &str) -> Result<String> {
     let metadata = validate(&config)?;
-    node.config.handlers()?.get(handler)?;
+    node.handlers.get(handler)?;
     let id = new_id()?;
     let name = sandbox_name(&metadata);
     node.reserve_name(&name, &id)?;

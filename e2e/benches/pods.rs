@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use corral_e2e::bench::{ms, ratio, Stats};
+use corral_e2e::bench::{count, ms, ratio, Stats};
 use corral_e2e::bin;
 use corral_e2e::cleanup::Cleanup;
 use corral_e2e::cri::{api, CriClient};
@@ -135,17 +135,6 @@ fn main() -> ExitCode {
             eprintln!("pods bench failed: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn count(env: &str, default: usize, smoke: usize, bench_mode: bool) -> Result<usize> {
-    match std::env::var(env) {
-        Ok(text) => match text.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("{env}={text:?} is not a positive number")),
-        },
-        Err(_) if bench_mode => Ok(default),
-        Err(_) => Ok(smoke),
     }
 }
 

@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use corral_e2e::bench::{ms, ratio, Stats};
+use corral_e2e::bench::{count, ms, ratio, Stats};
 use corral_e2e::runtime::{track_shim_socket, Node, CORRAL};
 use corral_e2e::task::{PodShim, CONTAINER_TYPE, SANDBOX_ID};
 use corral_e2e::{bin, Bundle, Cleanup, EventsSink};
@@ -94,17 +94,6 @@ fn main() -> ExitCode {
             eprintln!("runtime bench failed: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn count(env: &str, default: usize, smoke: usize, bench_mode: bool) -> Result<usize> {
-    match std::env::var(env) {
-        Ok(text) => match text.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("{env}={text:?} is not a positive number")),
-        },
-        Err(_) if bench_mode => Ok(default),
-        Err(_) => Ok(smoke),
     }
 }
 

@@ -43,6 +43,25 @@ pub fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(f64::MIN_POSITIVE)
 }
 
+/// How many runs a benchmark makes: `env` when set (a positive number),
+/// else `default` under `cargo bench` (`bench_mode`), else `smoke`, the
+/// few runs `cargo test --all-targets` gives every bench program.
+pub fn count(
+    env: &str,
+    default: usize,
+    smoke: usize,
+    bench_mode: bool,
+) -> std::result::Result<usize, String> {
+    match std::env::var(env) {
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{env}={text:?} is not a positive number")),
+        },
+        Err(_) if bench_mode => Ok(default),
+        Err(_) => Ok(smoke),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
