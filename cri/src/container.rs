@@ -379,6 +379,9 @@ pub async fn remove_everything(node: &Node, container: &Container) -> Result<()>
         .remove(&container.snapshot().snapshot)?;
     node.copiers
         .remove(&container.id, &io_dir(node, &container.id));
+    // Per-container samples kept for stats go with the container.
+    node.cpu_rates.forget(&container.id);
+    node.layer_usage.forget(&container.id);
     node.store.delete_container(&container.id)?;
     node.forget_container(&container.id);
     if let Some(sandbox) = node.sandbox_by_exact_id(&container.sandbox_id) {

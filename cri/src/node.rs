@@ -143,6 +143,7 @@ pub struct Node {
     /// CRI container events, for GetContainerEvents subscribers.
     pub events: broadcast::Sender<cri::ContainerEventResponse>,
     pub cpu_rates: crate::stats::CpuRates,
+    pub layer_usage: crate::stats::LayerUsage,
     /// Log copiers of containers whose shim is not corral's.
     pub copiers: crate::container_io::Copiers,
     /// The lowest `oom_score_adj` runc can set here (see
@@ -175,6 +176,7 @@ impl Node {
             pause_rootfs,
             events: broadcast::channel(EVENT_BUFFER).0,
             cpu_rates: Default::default(),
+            layer_usage: Default::default(),
             copiers: Default::default(),
             oom_floor: crate::spec::oom_score_adj_floor(),
             index: Mutex::new(Index::default()),

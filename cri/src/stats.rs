@@ -7,6 +7,9 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use corral_runtime::image::Usage;
 
 use corral_proto::containerd::cgroups::metrics as v1;
 use corral_proto::containerd::cgroups_v2::metrics as v2;
@@ -87,6 +90,58 @@ impl CpuRates {
     }
 }
 
+/// How long a writable layer's measured size is reused: measuring walks
+/// the whole upper directory, and kubelet asks for every container's stats
+/// every few seconds (containerd re-measures every 10 s too).
+const LAYER_USAGE_TTL: Duration = Duration::from_secs(10);
+
+/// The last measured size of each container's writable layer.
+#[derive(Debug, Default)]
+pub struct LayerUsage {
+    last: Mutex<HashMap<String, (Instant, Usage)>>,
+}
+
+impl LayerUsage {
+    fn fresh(&self, id: &str, now: Instant) -> Option<Usage> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.get(id)
+            .filter(|(at, _)| now.duration_since(*at) < LAYER_USAGE_TTL)
+            .map(|(_, usage)| *usage)
+    }
+
+    fn store(&self, id: &str, now: Instant, usage: Usage) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), (now, usage));
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+}
+
+/// The container's writable layer size, measured off the async threads at
+/// most every [`LAYER_USAGE_TTL`].
+async fn layer_usage(node: &Node, c: &Container) -> Usage {
+    let now = Instant::now();
+    if let Some(usage) = node.layer_usage.fresh(&c.id, now) {
+        return usage;
+    }
+    let images = node.images.clone();
+    let key = c.snapshot().snapshot;
+    let usage = tokio::task::spawn_blocking(move || images.snapshots().usage(&key))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    node.layer_usage.store(&c.id, now, usage);
+    usage
+}
+
 fn value(v: u64) -> Option<cri::UInt64Value> {
     Some(cri::UInt64Value { value: v })
 }
@@ -110,11 +165,7 @@ pub async fn container_stats(node: &Node, c: &Container) -> cri::ContainerStats 
     };
     let sample = sample.unwrap_or_default();
     let nano_cores = node.cpu_rates.rate(&c.id, at, sample.cpu_ns);
-    let writable = node
-        .images
-        .snapshots()
-        .usage(&c.snapshot().snapshot)
-        .unwrap_or_default();
+    let writable = layer_usage(node, c).await;
     cri::ContainerStats {
         attributes: Some(cri::ContainerAttributes {
             id: c.id.clone(),
@@ -241,6 +292,22 @@ mod tests {
         assert_eq!(s.cpu_ns, 7_000);
         assert_eq!(s.working_set, 70);
         assert!(decode(&Any::default()).is_none());
+    }
+
+    #[test]
+    fn a_layer_size_is_reused_for_its_ttl_and_forgotten_on_removal() {
+        let cache = LayerUsage::default();
+        let t0 = Instant::now();
+        let usage = Usage {
+            bytes: 4096,
+            inodes: 3,
+        };
+        assert_eq!(cache.fresh("c", t0), None);
+        cache.store("c", t0, usage);
+        assert_eq!(cache.fresh("c", t0 + Duration::from_secs(9)), Some(usage));
+        assert_eq!(cache.fresh("c", t0 + LAYER_USAGE_TTL), None);
+        cache.forget("c");
+        assert_eq!(cache.fresh("c", t0), None);
     }
 
     #[test]
