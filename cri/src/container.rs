@@ -12,6 +12,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_proto::attach::{ATTACH_STDIN, ATTACH_STDIN_ONCE};
 use corral_proto::CRI_LOG_SCHEME;
 use corral_runtime::image::Image;
 use corral_runtime::task_service::{CreateTask, ExecProcess, Exit, Stdio};
@@ -162,13 +163,24 @@ async fn create_task(
         terminal: tty,
         ..Default::default()
     };
+    let corral_shim = shim_writes_log(node, &sandbox_record.runtime_handler);
+    if container.config.stdin && corral_shim {
+        // Held open by the shim for attached clients; other shims' stdin
+        // is not served (Attach needs corral's shim).
+        stdio.stdin = if container.config.stdin_once {
+            ATTACH_STDIN_ONCE
+        } else {
+            ATTACH_STDIN
+        }
+        .to_string();
+    }
     let mut copy = None;
     if !record.log_path.is_empty() {
         let path = Path::new(&record.log_path);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create log directory", dir, e))?;
         }
-        if shim_writes_log(node, &sandbox_record.runtime_handler) {
+        if corral_shim {
             let log = format!("{CRI_LOG_SCHEME}://{}", record.log_path);
             stdio.stderr = if tty { String::new() } else { log.clone() };
             stdio.stdout = log;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use corral_e2e::cri::api;
 use corral_e2e::pod::{poll, PodNode};
 use corral_e2e::streaming_client::{
-    exec_spdy, exec_websocket, request, ExecInput, SpdyPortForward, WsClient,
+    exec_spdy, exec_websocket, request, ClientStream, ExecInput, SpdyClient, SpdyPortForward,
+    WsClient,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -364,4 +365,222 @@ print(json.dumps({str(k): v.decode() for k, v in got.items()}))
     assert_eq!(got["2"], "py-err\n");
     let status: serde_json::Value = serde_json::from_str(got["3"].as_str().unwrap()).unwrap();
     assert_eq!(status["details"]["causes"][0]["message"], "4");
+}
+
+async fn attach_url(
+    node: &PodNode,
+    container: &str,
+    input: &ExecInput,
+) -> Result<String, tonic::Status> {
+    let request = api::AttachRequest {
+        container_id: container.to_string(),
+        tty: input.tty,
+        stdin: input.stdin.is_some(),
+        stdout: input.stdout,
+        stderr: input.stderr,
+    };
+    Ok(node
+        .client()
+        .runtime
+        .attach(request)
+        .await?
+        .into_inner()
+        .url)
+}
+
+/// A started container of `cmd` with stdin (and `tty`) as given.
+async fn stdin_container(
+    node: &PodNode,
+    pod: &str,
+    name: &str,
+    cmd: &[&str],
+    stdin_once: bool,
+    tty: bool,
+) -> String {
+    let mut config = node.container_config(name, cmd);
+    config.stdin = true;
+    config.stdin_once = stdin_once;
+    config.tty = tty;
+    let id = node.create_container(pod, config).await.unwrap();
+    node.start_container(&id).await.unwrap();
+    id
+}
+
+/// Reads `stream` until what it delivered contains `needle`; everything read.
+async fn read_until(stream: &mut ClientStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(data) = stream.read().await {
+            seen.extend_from_slice(&data);
+            if String::from_utf8_lossy(&seen).contains(needle) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert!(found == Ok(true), "never saw {needle:?}, only {seen:?}");
+    seen
+}
+
+/// A terminal attach over SPDY: the connection, stdin, stdout and resize
+/// streams (the error stream is opened and left).
+async fn attach_terminal(
+    node: &PodNode,
+    container: &str,
+) -> (SpdyClient, ClientStream, ClientStream, ClientStream) {
+    let input = ExecInput {
+        stdin: Some(Vec::new()),
+        stdout: true,
+        tty: true,
+        ..Default::default()
+    };
+    let url = attach_url(node, container, &input).await.unwrap();
+    let conn = SpdyClient::connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    let _error = conn.open(&[("streamType", "error")]).await.unwrap();
+    let stdin = conn.open(&[("streamType", "stdin")]).await.unwrap();
+    let stdout = conn.open(&[("streamType", "stdout")]).await.unwrap();
+    let resize = conn.open(&[("streamType", "resize")]).await.unwrap();
+    (conn, stdin, stdout, resize)
+}
+
+#[tokio::test]
+async fn attach_over_spdy() {
+    let node = node().await;
+    let pod = node.run_pod("stream-attach").await.unwrap();
+
+    // stdin_once: the client's stdin reaches the container, its end ends
+    // the container's, the container exits and the client hears success.
+    let echo = stdin_container(
+        &node,
+        &pod,
+        "echo",
+        &[
+            "sh",
+            "-c",
+            "while read l; do echo \"echo: $l\"; done; echo bye; echo gone >&2",
+        ],
+        true,
+        false,
+    )
+    .await;
+    let input = ExecInput {
+        stdin: Some(b"a\nb\n".to_vec()),
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    let url = attach_url(&node, &echo, &input).await.unwrap();
+    let got = tokio::time::timeout(WAIT, exec_spdy(&url, input))
+        .await
+        .expect("attach timed out")
+        .expect("attach over SPDY");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "echo: a\necho: b\nbye\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&got.stderr), "gone\n");
+    assert_eq!(got.error, br#"{"metadata":{},"status":"Success"}"#);
+    let status = node.wait_exited(&echo, WAIT).await.unwrap();
+    assert_eq!(status.exit_code, 0);
+    // The log got the output as well.
+    let log = node.wait_log_line(&echo, "bye", WAIT).await.unwrap();
+    assert!(log.contains("stdout F echo: a"), "{log}");
+
+    // Output only: a client sees what is written while it is attached;
+    // leaving detaches, the container runs on, and the next one sees more.
+    let ticker = node
+        .run_container(
+            &pod,
+            "ticker",
+            &[
+                "sh",
+                "-c",
+                "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+            ],
+        )
+        .await
+        .unwrap();
+    let out_only = ExecInput {
+        stdout: true,
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let url = attach_url(&node, &ticker, &out_only).await.unwrap();
+        let conn = SpdyClient::connect(&url, &["v4.channel.k8s.io"])
+            .await
+            .unwrap();
+        let _error = conn.open(&[("streamType", "error")]).await.unwrap();
+        let mut stdout = conn.open(&[("streamType", "stdout")]).await.unwrap();
+        let first = read_until(&mut stdout, "\n").await;
+        let n: u32 = first
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        read_until(&mut stdout, &format!("tick {}\n", n + 3)).await;
+        drop((stdout, conn));
+    }
+    let (status, _) = node.container_status(&ticker).await.unwrap();
+    assert_eq!(
+        status.state,
+        api::ContainerState::ContainerRunning as i32,
+        "detaching stopped the container"
+    );
+
+    // A terminal: a resize reaches it, typed input is echoed and read, and
+    // without stdin_once the container's stdin outlives the client.
+    let term = stdin_container(
+        &node,
+        &pod,
+        "term",
+        &["sh", "-c", "while read l; do echo \"got $l\"; done"],
+        false,
+        true,
+    )
+    .await;
+    let (conn, stdin, mut stdout, resize) = attach_terminal(&node, &term).await;
+    resize.write(br#"{"Width":123,"Height":45}"#).await.unwrap();
+    let mut sized = None;
+    for _ in 0..100 {
+        let size = node
+            .exec_sync(&term, &["stty", "-F", "/dev/console", "size"], 10)
+            .await
+            .map(|r| String::from_utf8_lossy(&r.stdout).trim().to_string());
+        if size.as_deref().ok() == Some("45 123") {
+            sized = Some(());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sized.is_some(), "the terminal was never resized");
+    stdin.write(b"one\n").await.unwrap();
+    read_until(&mut stdout, "got one").await;
+    stdin.close().await.unwrap();
+    drop((stdin, stdout, resize, conn));
+    let (_conn, stdin, mut stdout, _resize) = attach_terminal(&node, &term).await;
+    stdin.write(b"two\n").await.unwrap();
+    read_until(&mut stdout, "got two").await;
+
+    // Bad requests are refused at the RPC.
+    let with_stdin = ExecInput {
+        stdin: Some(Vec::new()),
+        stdout: true,
+        ..Default::default()
+    };
+    let status = attach_url(&node, &ticker, &with_stdin).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = attach_url(&node, &echo, &out_only).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let status = attach_url(&node, &"0".repeat(64), &out_only)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let status = attach_url(&node, &ticker, &ExecInput::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 }

@@ -10,11 +10,15 @@
 pub use containerd_shim_protos as containerd;
 pub use containerd_shim_protos::{protobuf, ttrpc};
 
-/// corral's own shim services (`corral.shim.v1`).
+/// The framing of the attach socket through which corrald reaches a
+/// container's stdio in corral's shim.
+pub mod attach;
+
 /// The kubelet CRI log format and file, written by corral's shim and, for
 /// other shims' containers, by corrald.
 pub mod cri_log;
 
+/// corral's own shim services (`corral.shim.v1`).
 pub mod shim {
     /// Messages of `corral.shim.v1.Log`.
     pub mod log {

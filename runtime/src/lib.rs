@@ -11,6 +11,7 @@
 //! - [`task_client::TaskClient`]: the task API over ttrpc, v2 or v3.
 //! - [`handlers::RuntimeHandler`]: how a RuntimeClass handler runs its pods.
 
+pub mod attach;
 pub mod bundle;
 pub mod error;
 pub mod events;

@@ -394,6 +394,17 @@ impl TaskService {
         self.shim(namespace, id)?.client.resize_pty(&req).await
     }
 
+    /// Connects to the task's attach socket (corral's shim only): its
+    /// output from now on, and its stdin and terminal.
+    pub async fn attach(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> Result<(crate::attach::AttachOutput, crate::attach::AttachInput)> {
+        let shim = self.shim(namespace, id)?;
+        crate::attach::connect(&shim.bundle.path).await
+    }
+
     /// Has the shim reopen the task's CRI log file (after kubelet renamed it).
     pub async fn reopen_log(&self, namespace: &str, id: &str) -> Result<()> {
         self.shim(namespace, id)?.client.reopen_log(id).await

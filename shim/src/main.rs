@@ -8,6 +8,7 @@
 //! - no action, with `-socket`: serve.
 
 use corral_proto::cri_log;
+mod attach;
 mod bootstrap;
 mod cgroup;
 mod container;

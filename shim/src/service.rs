@@ -325,7 +325,7 @@ impl Inner {
         let mut process = Process::new("", uris.clone());
         process.pid = pid;
         process.status = ProcessStatus::Created;
-        process.io = Some(io.start(id)?);
+        process.io = Some(io.start(id, Some(bundle))?);
         Ok(process)
     }
 
@@ -501,7 +501,7 @@ impl Inner {
             };
             runc.exec(&self.reaper, id, &spec_file, launch)?;
             let pid = read_pid(&pid_file)?;
-            Ok((pid, io.start(&format!("{id}-{exec_id}"))?))
+            Ok((pid, io.start(&format!("{id}-{exec_id}"), None)?))
         })();
         let _ = fs::remove_file(&spec_file);
         let _ = fs::remove_file(&pid_file);

@@ -1,6 +1,8 @@
 //! Where a process's stdio goes: containerd's FIFOs, `file://` URIs, a
 //! terminal through runc's console socket, or the CRI log file the shim
-//! writes itself (`cri-log://`).
+//! writes itself (`cri-log://`); and, for a container whose log the shim
+//! writes, to clients of its attach socket too (`attach`), who may also
+//! write its stdin (`attach://stdin`).
 //!
 //! Owns the pipes between runc's process and the shim, and the threads that
 //! copy between them and the destinations. It does not start processes:
@@ -20,7 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corral_proto::CRI_LOG_SCHEME;
+use corral_proto::{
+    attach::{Kind, ATTACH_STDIN, ATTACH_STDIN_ONCE},
+    CRI_LOG_SCHEME,
+};
 use nix::{
     fcntl::OFlag,
     sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
@@ -28,6 +33,7 @@ use nix::{
 };
 
 use crate::{
+    attach::{AttachHub, OutputGuard},
     cri_log::{self, CriLogFile, Stream},
     error::{Error, Result},
     runc::ProcessStdio,
@@ -141,9 +147,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Where a process's stdin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Input {
+    Null,
+    /// A FIFO the client writes.
+    Fifo(PathBuf),
+    /// Attached clients; `once`: the first to end its stdin ends it.
+    Attach {
+        once: bool,
+    },
+}
+
+impl Input {
+    fn parse(uri: &str) -> Result<Input> {
+        Ok(match uri {
+            "" => Input::Null,
+            ATTACH_STDIN => Input::Attach { once: false },
+            ATTACH_STDIN_ONCE => Input::Attach { once: true },
+            path => Input::Fifo(crate::error::absolute(path, "stdin")?),
+        })
+    }
+}
+
 /// The shim's side of a process's stdio, prepared before the runtime runs.
 pub struct PendingIo {
-    stdin: Option<PathBuf>,
+    stdin: Input,
     stdout: Output,
     stderr: Output,
     /// Shim ends of the pipes (non-terminal): write end of stdin, read ends
@@ -158,9 +187,10 @@ pub struct PendingIo {
 /// The live stdio of a running process.
 pub struct ProcessIo {
     console: Option<Arc<File>>,
-    stdin: Arc<Mutex<Option<StdinTarget>>>,
+    stdin: Arc<StdinPort>,
     stdin_fifo: Option<PathBuf>,
     cri_log: Option<Arc<CriLogFile>>,
+    attach: Option<Arc<AttachHub>>,
     drain: Arc<Drain>,
     output_fifos: Vec<PathBuf>,
 }
@@ -170,14 +200,75 @@ enum StdinTarget {
     Console(Arc<File>),
 }
 
+/// The process's stdin as the shim writes it, shared by the FIFO copier
+/// and attached clients; closed at most once.
+#[derive(Default)]
+pub struct StdinPort(Mutex<Option<StdinTarget>>);
+
+impl StdinPort {
+    fn set(&self, target: StdinTarget) {
+        *lock(&self.0) = Some(target);
+    }
+
+    /// Writes all of `data`; false once stdin is closed or broken.
+    pub fn write(&self, data: &[u8]) -> bool {
+        let mut guard = lock(&self.0);
+        let written = match guard.as_mut() {
+            Some(StdinTarget::Pipe(p)) => p.write_all(data),
+            Some(StdinTarget::Console(c)) => (&**c).write_all(data),
+            None => return false,
+        };
+        written.is_ok()
+    }
+
+    /// The process reads EOF. With a terminal, the EOF character is sent
+    /// instead, since the pty stays open for output.
+    pub fn close(&self) {
+        match lock(&self.0).take() {
+            Some(StdinTarget::Console(master)) => {
+                let _ = (&*master).write_all(&[4]);
+            }
+            Some(StdinTarget::Pipe(pipe)) => drop(pipe),
+            None => {}
+        }
+    }
+
+    /// The FIFO's client closed it: a pipe reads EOF; a terminal stays open
+    /// (its output still flows) until CloseIO.
+    fn input_ended(&self) {
+        let mut guard = lock(&self.0);
+        if matches!(guard.as_ref(), Some(StdinTarget::Pipe(_))) {
+            guard.take();
+        }
+    }
+
+    fn forget(&self) {
+        lock(&self.0).take();
+    }
+}
+
+/// Sets a terminal's size.
+pub fn resize_console(console: &File, width: u32, height: u32) -> Result<()> {
+    let size = libc::winsize {
+        ws_row: height.min(u16::MAX as u32) as u16,
+        ws_col: width.min(u16::MAX as u32) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives
+    // for the duration of the call.
+    let rc = unsafe { libc::ioctl(console.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    if rc != 0 {
+        return Err(Error::io("resize terminal", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 impl PendingIo {
     /// Parses the URIs and creates the pipes (or the console socket) the
     /// process will be given.
     pub fn prepare(uris: &StdioUris) -> Result<PendingIo> {
-        let stdin = match uris.stdin.as_str() {
-            "" => None,
-            path => Some(crate::error::absolute(path, "stdin")?),
-        };
+        let stdin = Input::parse(&uris.stdin)?;
         let stdout = Output::parse(&uris.stdout)?;
         let stderr = Output::parse(&uris.stderr)?;
         let mut io = PendingIo {
@@ -196,7 +287,7 @@ impl PendingIo {
             return Ok(io);
         }
         let mut child = ProcessStdio::null();
-        if io.stdin.is_some() {
+        if io.stdin != Input::Null {
             let (r, w) = cloexec_pipe()?;
             child.stdin = Stdio::from(r);
             io.stdin_writer = Some(w);
@@ -229,14 +320,20 @@ impl PendingIo {
 
     /// Starts copying, once the runtime has created the process. With a
     /// terminal, receives the pty master runc sent on the console socket.
-    pub fn start(mut self, id: &str) -> Result<ProcessIo> {
+    /// `bundle`: a container's init process, whose stdio is open to attach
+    /// clients when the shim writes its log or takes stdin from them.
+    pub fn start(mut self, id: &str, bundle: Option<&Path>) -> Result<ProcessIo> {
         let drain = Arc::new(Drain::default());
         let cri_log = self.open_cri_log()?;
         let mut io = ProcessIo {
             console: None,
-            stdin: Arc::new(Mutex::new(None)),
-            stdin_fifo: self.stdin.clone(),
+            stdin: Arc::new(StdinPort::default()),
+            stdin_fifo: match &self.stdin {
+                Input::Fifo(path) => Some(path.clone()),
+                _ => None,
+            },
             cri_log: cri_log.clone(),
+            attach: None,
             drain: Arc::clone(&drain),
             output_fifos: [&self.stdout, &self.stderr]
                 .into_iter()
@@ -247,52 +344,63 @@ impl PendingIo {
                 .collect(),
         };
 
+        let mut outputs = Vec::new();
         if let Some(console) = self.console.take() {
             let master = Arc::new(console.receive_master()?);
             io.console = Some(Arc::clone(&master));
-            *lock(&io.stdin) = Some(StdinTarget::Console(Arc::clone(&master)));
+            io.stdin.set(StdinTarget::Console(Arc::clone(&master)));
             let reader = master
                 .try_clone()
                 .map_err(|e| Error::io("dup console", e))?;
-            spawn_output(
-                id,
-                reader,
-                self.stdout.clone(),
-                Stream::Stdout,
-                cri_log,
-                drain.enter(),
-            )?;
+            outputs.push((reader, self.stdout.clone(), Stream::Stdout));
         } else {
             if let Some(w) = self.stdin_writer.take() {
-                *lock(&io.stdin) = Some(StdinTarget::Pipe(File::from(w)));
+                io.stdin.set(StdinTarget::Pipe(File::from(w)));
             }
             if let Some(r) = self.stdout_reader.take() {
-                let out = self.stdout.clone();
-                spawn_output(
-                    id,
-                    File::from(r),
-                    out,
-                    Stream::Stdout,
-                    cri_log.clone(),
-                    drain.enter(),
-                )?;
+                outputs.push((File::from(r), self.stdout.clone(), Stream::Stdout));
             }
             if let Some(r) = self.stderr_reader.take() {
-                let out = self.stderr.clone();
-                spawn_output(
-                    id,
-                    File::from(r),
-                    out,
-                    Stream::Stderr,
-                    cri_log,
-                    drain.enter(),
-                )?;
+                outputs.push((File::from(r), self.stderr.clone(), Stream::Stderr));
             }
         }
-        if let Some(fifo) = self.stdin.clone() {
-            spawn_stdin(id, fifo, Arc::clone(&io.stdin))?;
+        if let Some(bundle) = bundle.filter(|_| self.attachable()) {
+            let once = matches!(self.stdin, Input::Attach { once: true });
+            io.attach = Some(AttachHub::listen(
+                id,
+                bundle,
+                Arc::clone(&io.stdin),
+                io.console.clone(),
+                once,
+            )?);
+        }
+        // Every output registers with the attach socket before any starts:
+        // the first to end must not close it for the others.
+        let outputs: Vec<_> = outputs
+            .into_iter()
+            .map(|(reader, out, stream)| {
+                let tee = io
+                    .attach
+                    .as_ref()
+                    .map(|hub| (Arc::clone(hub), hub.output()));
+                (reader, out, stream, tee)
+            })
+            .collect();
+        for (reader, out, stream, tee) in outputs {
+            spawn_output(id, reader, out, stream, cri_log.clone(), tee, drain.enter())?;
+        }
+        if let Input::Fifo(fifo) = &self.stdin {
+            spawn_stdin(id, fifo.clone(), Arc::clone(&io.stdin))?;
         }
         Ok(io)
+    }
+
+    /// Attach serves the containers whose log the shim writes (corrald
+    /// knows no other output for them) and those whose stdin it holds.
+    fn attachable(&self) -> bool {
+        matches!(self.stdin, Input::Attach { .. })
+            || matches!(self.stdout, Output::CriLog(_))
+            || matches!(self.stderr, Output::CriLog(_))
     }
 
     /// stdout and stderr of one process share one CRI log file.
@@ -332,31 +440,12 @@ impl ProcessIo {
             .console
             .as_ref()
             .ok_or_else(|| Error::FailedPrecondition("the process has no terminal".into()))?;
-        let size = libc::winsize {
-            ws_row: height.min(u16::MAX as u32) as u16,
-            ws_col: width.min(u16::MAX as u32) as u16,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives
-        // for the duration of the call.
-        let rc = unsafe { libc::ioctl(console.as_raw_fd(), libc::TIOCSWINSZ, &size) };
-        if rc != 0 {
-            return Err(Error::io("resize terminal", io::Error::last_os_error()));
-        }
-        Ok(())
+        resize_console(console, width, height)
     }
 
-    /// Closes the process's stdin: it reads EOF. With a terminal, sends the
-    /// EOF character instead, since the pty stays open for output.
+    /// Closes the process's stdin: it reads EOF (see [`StdinPort::close`]).
     pub fn close_stdin(&self) {
-        match lock(&self.stdin).take() {
-            Some(StdinTarget::Console(master)) => {
-                let _ = (&*master).write_all(&[4]);
-            }
-            Some(StdinTarget::Pipe(pipe)) => drop(pipe),
-            None => {}
-        }
+        self.stdin.close();
     }
 
     pub fn reopen_log(&self) -> Result<()> {
@@ -371,7 +460,10 @@ impl Drop for ProcessIo {
     /// Unblocks copier threads still waiting in `open` for the other side of
     /// a FIFO that never came, so no thread outlives its process.
     fn drop(&mut self) {
-        lock(&self.stdin).take();
+        self.stdin.forget();
+        if let Some(hub) = &self.attach {
+            hub.close();
+        }
         if let Some(fifo) = &self.stdin_fifo {
             let _ = OpenOptions::new()
                 .write(true)
@@ -391,12 +483,16 @@ fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
     pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))
 }
 
+/// An output's attach socket, and its registration there.
+type Tee = (Arc<AttachHub>, OutputGuard);
+
 fn spawn_output(
     id: &str,
     reader: File,
     output: Output,
     stream: Stream,
     cri_log: Option<Arc<CriLogFile>>,
+    tee: Option<Tee>,
     guard: DrainGuard,
 ) -> Result<()> {
     let name = format!("out-{}", short(id));
@@ -405,13 +501,42 @@ fn spawn_output(
         .stack_size(COPIER_STACK)
         .spawn(move || {
             let _guard = guard;
+            let (hub, _registered) = tee.unzip();
+            let kind = match stream {
+                Stream::Stdout => Kind::Stdout,
+                Stream::Stderr => Kind::Stderr,
+            };
+            let reader = TeeReader { reader, hub, kind };
             copy_output(reader, &output, stream, cri_log.as_deref());
         })
         .map(drop)
         .map_err(|e| Error::io("start output copier", e))
 }
 
-fn copy_output(mut reader: File, output: &Output, stream: Stream, cri_log: Option<&CriLogFile>) {
+/// Hands every chunk read to the attached clients before the destination
+/// gets it.
+struct TeeReader {
+    reader: File,
+    hub: Option<Arc<AttachHub>>,
+    kind: Kind,
+}
+
+impl Read for TeeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        if let (Some(hub), true) = (&self.hub, n > 0) {
+            hub.broadcast(self.kind, &buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+fn copy_output(
+    mut reader: TeeReader,
+    output: &Output,
+    stream: Stream,
+    cri_log: Option<&CriLogFile>,
+) {
     let sink = match output {
         Output::CriLog(_) => {
             if let Some(log) = cri_log {
@@ -447,7 +572,7 @@ fn open_output(path: &Path, append: bool) -> Option<File> {
 /// Copies until EOF. A destination that fails (the reader of a FIFO went
 /// away) is dropped, and the pipe keeps being drained so the process never
 /// blocks on a full pipe.
-fn copy_raw(reader: &mut File, mut sink: Option<File>) {
+fn copy_raw(reader: &mut impl Read, mut sink: Option<File>) {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let n = match reader.read(&mut buf) {
@@ -465,7 +590,7 @@ fn copy_raw(reader: &mut File, mut sink: Option<File>) {
     }
 }
 
-fn spawn_stdin(id: &str, fifo: PathBuf, target: Arc<Mutex<Option<StdinTarget>>>) -> Result<()> {
+fn spawn_stdin(id: &str, fifo: PathBuf, target: Arc<StdinPort>) -> Result<()> {
     thread::Builder::new()
         .name(format!("in-{}", short(id)))
         .stack_size(COPIER_STACK)
@@ -474,7 +599,7 @@ fn spawn_stdin(id: &str, fifo: PathBuf, target: Arc<Mutex<Option<StdinTarget>>>)
         .map_err(|e| Error::io("start stdin copier", e))
 }
 
-fn copy_stdin(fifo: &Path, target: &Mutex<Option<StdinTarget>>) {
+fn copy_stdin(fifo: &Path, target: &StdinPort) {
     // Blocks until the client opens its end, as containerd's shims do.
     let mut input = match File::open(fifo) {
         Ok(f) => f,
@@ -491,22 +616,11 @@ fn copy_stdin(fifo: &Path, target: &Mutex<Option<StdinTarget>>) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let mut guard = lock(target);
-        let written = match guard.as_mut() {
-            Some(StdinTarget::Pipe(p)) => p.write_all(&buf[..n]),
-            Some(StdinTarget::Console(c)) => (&**c).write_all(&buf[..n]),
-            None => return,
-        };
-        if written.is_err() {
+        if !target.write(&buf[..n]) {
             return;
         }
     }
-    // The client closed stdin: the process sees EOF on a pipe; a terminal
-    // stays open (its output still flows) until CloseIO.
-    let mut guard = lock(target);
-    if matches!(guard.as_ref(), Some(StdinTarget::Pipe(_))) {
-        guard.take();
-    }
+    target.input_ended();
 }
 
 fn short(id: &str) -> &str {

@@ -12,6 +12,7 @@
 //! starts (killed and deleted when their client goes away); it reads the
 //! [`Node`](crate::node::Node) but never changes a pod or container record.
 
+pub mod attach;
 pub mod portforward;
 pub mod remotecommand;
 pub mod server;

@@ -61,14 +61,45 @@ impl Version {
     }
 }
 
-/// The streams of one exec, whatever the transport.
-struct Session {
-    out: mpsc::Sender<Out>,
-    gone: watch::Receiver<bool>,
-    stdin: Option<mpsc::Receiver<Vec<u8>>>,
-    resize: Option<mpsc::Receiver<Vec<u8>>>,
-    stdout: Option<u32>,
-    stderr: Option<u32>,
+/// The streams a client asked for.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Streams {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+impl From<&cri::ExecRequest> for Streams {
+    fn from(r: &cri::ExecRequest) -> Streams {
+        Streams {
+            stdin: r.stdin,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            tty: r.tty,
+        }
+    }
+}
+
+impl From<&cri::AttachRequest> for Streams {
+    fn from(r: &cri::AttachRequest) -> Streams {
+        Streams {
+            stdin: r.stdin,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            tty: r.tty,
+        }
+    }
+}
+
+/// The streams of one exec or attach, whatever the transport.
+pub(super) struct Session {
+    pub out: mpsc::Sender<Out>,
+    pub gone: watch::Receiver<bool>,
+    pub stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    pub resize: Option<mpsc::Receiver<Vec<u8>>>,
+    pub stdout: Option<u32>,
+    pub stderr: Option<u32>,
     error: Option<u32>,
     version: Version,
     /// Set once the exit went out on the error stream.
@@ -84,33 +115,44 @@ enum Conn {
 /// Runs `req` over the upgraded connection until the process exits or the
 /// client goes away.
 pub(crate) async fn serve_exec(node: Arc<Node>, req: cri::ExecRequest, upgraded: Upgraded) {
-    let mut session = match open_session(&req, upgraded).await {
-        Ok(session) => session,
-        Err(e) => {
-            tracing::debug!("exec in {}: {e}", req.container_id);
-            return;
-        }
+    let what = format!("exec in {}", req.container_id);
+    let Some(mut session) = open_session(Streams::from(&req), upgraded, &what).await else {
+        return;
     };
     let outcome = run(&node, &req, &mut session).await;
-    if let Err(StreamingError::Runtime(e)) = &outcome {
-        tracing::warn!("exec in {}: {e}", req.container_id);
-    }
-    report(&session, &req.cmd, outcome).await;
-    finish(session).await;
+    end_session(session, &req.cmd, outcome, &what).await;
 }
 
-async fn open_session(req: &cri::ExecRequest, up: Upgraded) -> Result<Session, StreamingError> {
+/// The session of the streams `req` asks for; `None` (logged) if the
+/// client did not open them.
+pub(super) async fn open_session(req: Streams, up: Upgraded, what: &str) -> Option<Session> {
     let version = Version::of(&up.protocol);
-    match up.transport {
+    let session = match up.transport {
         Transport::Spdy => open_spdy(req, version, up).await,
         Transport::WebSocket => Ok(open_websocket(req, version, up)),
+    };
+    session.map_err(|e| tracing::debug!("{what}: {e}")).ok()
+}
+
+/// Tells the client how it ended (a system failure is logged too) and
+/// closes the connection.
+pub(super) async fn end_session(
+    session: Session,
+    cmd: &[String],
+    outcome: Result<Ended, StreamingError>,
+    what: &str,
+) {
+    if let Err(StreamingError::Runtime(e)) = &outcome {
+        tracing::warn!("{what}: {e}");
     }
+    report(&session, cmd, outcome).await;
+    finish(session).await;
 }
 
 /// Waits for the client to open every stream the request implies, as
 /// kubelet's server does.
 async fn open_spdy(
-    req: &cri::ExecRequest,
+    req: Streams,
     version: Version,
     up: Upgraded,
 ) -> Result<Session, StreamingError> {
@@ -175,7 +217,7 @@ async fn open_spdy(
     })
 }
 
-fn open_websocket(req: &cri::ExecRequest, version: Version, up: Upgraded) -> Session {
+fn open_websocket(req: Streams, version: Version, up: Upgraded) -> Session {
     let encoding = if up.protocol.contains("base64") {
         websocket::Encoding::Base64
     } else {
@@ -233,7 +275,7 @@ async fn finish(session: Session) {
 }
 
 /// Why the exec ended, as far as the client is told.
-enum Ended {
+pub(super) enum Ended {
     Exited(u32),
     ClientGone,
 }
@@ -452,11 +494,11 @@ async fn wait_fifo_empty(fifo: &pipe::Sender) {
 }
 
 #[derive(serde::Deserialize)]
-struct TerminalSize {
+pub(super) struct TerminalSize {
     #[serde(rename = "Width")]
-    width: u16,
+    pub width: u16,
     #[serde(rename = "Height")]
-    height: u16,
+    pub height: u16,
 }
 
 /// Applies each `{"Width":..,"Height":..}` the client sends; the objects
@@ -491,7 +533,7 @@ async fn apply_resizes(exec: &Exec<'_>, mut rx: mpsc::Receiver<Vec<u8>>) {
 
 /// The complete sizes at the start of `buf` and how many bytes they took;
 /// a malformed object is skipped with everything before it.
-fn parse_sizes(buf: &[u8]) -> (Vec<TerminalSize>, usize) {
+pub(super) fn parse_sizes(buf: &[u8]) -> (Vec<TerminalSize>, usize) {
     let mut sizes = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<TerminalSize>();
     let mut used = 0;

@@ -4,7 +4,8 @@
 //!
 //! Only `GET|POST /exec/<token>`, `/attach/<token>` and
 //! `/portforward/<token>` are served, each once; after the upgrade the
-//! connection belongs to [`remotecommand`](super::remotecommand) or
+//! connection belongs to [`remotecommand`](super::remotecommand),
+//! [`attach`](super::attach) or
 //! [`portforward`](super::portforward).
 
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::token::{TokenCache, TOKEN_TTL};
-use super::{portforward, remotecommand, StreamingError};
+use super::{attach, portforward, remotecommand, StreamingError};
 use crate::node::Node;
 use crate::store::{ContainerState, SandboxState};
 
@@ -50,6 +51,7 @@ const WS_PORTFORWARD: &[&str] = &["v4.channel.k8s.io", "v4.base64.channel.k8s.io
 #[derive(Debug, Clone)]
 pub(crate) enum Pending {
     Exec(cri::ExecRequest),
+    Attach(cri::AttachRequest),
     PortForward(cri::PortForwardRequest),
 }
 
@@ -120,9 +122,9 @@ impl StreamingServer {
         )
     }
 
-    /// Attach needs the shim to hand a container's output to a client as
-    /// well as to its log, which corral's shim does not do yet: the request
-    /// is validated, then refused as unimplemented.
+    /// Validates an Attach and returns the URL that runs it, once. Attach
+    /// goes through the attach socket of corral's shim: containers of
+    /// another shim (a RuntimeClass handler) are refused as unimplemented.
     pub fn attach_url(&self, req: cri::AttachRequest) -> Result<String, StreamingError> {
         validate_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
         let node = self.node()?;
@@ -139,10 +141,23 @@ impl StreamingServer {
                 container.id
             )));
         }
-        Err(StreamingError::Unimplemented(format!(
-            "Attach to container {}: corral's shim writes container output only to its log",
-            container.id
-        )))
+        let handler = node
+            .sandbox(&container.sandbox_id)?
+            .record()
+            .runtime_handler
+            .clone();
+        if !crate::container::shim_writes_log(&node, &handler) {
+            return Err(StreamingError::Unimplemented(format!(
+                "Attach to container {}: runtime handler {handler:?} does not use corral's \
+                 shim, and only corral's shim serves attach",
+                container.id
+            )));
+        }
+        let req = cri::AttachRequest {
+            container_id: container.id.clone(),
+            ..req
+        };
+        self.url("attach", Pending::Attach(req))
     }
 
     /// Validates a PortForward and returns the URL that runs it, once.
@@ -331,6 +346,7 @@ async fn serve_connection(
     };
     match request {
         Pending::Exec(req) => remotecommand::serve_exec(node, req, upgraded).await,
+        Pending::Attach(req) => attach::serve_attach(node, req, upgraded).await,
         Pending::PortForward(req) => portforward::serve(node, req, upgraded).await,
     }
     Ok(())
@@ -345,7 +361,9 @@ fn route(head: &Head, pending: &TokenCache<Pending>) -> Option<Pending> {
     let request = pending.take(token)?;
     let matches = matches!(
         (kind, &request),
-        ("exec", Pending::Exec(_)) | ("portforward", Pending::PortForward(_))
+        ("exec", Pending::Exec(_))
+            | ("attach", Pending::Attach(_))
+            | ("portforward", Pending::PortForward(_))
     );
     matches.then_some(request)
 }

@@ -1,0 +1,251 @@
+//! The attach socket of one container (`<bundle>/attach`, framing in
+//! `corral_proto::attach`): the container's output goes to every connected
+//! client as well as to its log, and clients may write its stdin and size
+//! its terminal.
+//!
+//! Owns the listening socket, the connected clients and one thread per
+//! client reading what it sends. It does not own the process's stdio: the
+//! output copiers in `stdio` hand it each chunk they read, and it writes
+//! stdin through the process's [`StdinPort`].
+//!
+//! Writes to clients are synchronous, in the copier's thread: a client that
+//! reads slowly slows the container's output, and nothing is buffered for
+//! it here. A client that goes away is dropped at the next write.
+
+use std::{
+    fs::File,
+    os::{
+        fd::AsRawFd,
+        unix::{
+            fs::{OpenOptionsExt, PermissionsExt},
+            net::{UnixListener, UnixStream},
+        },
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+};
+
+use corral_proto::attach::{self, Kind, ATTACH_SOCKET};
+
+use crate::{
+    error::{Error, Result},
+    stdio::{resize_console, StdinPort},
+};
+
+/// Threads that only move frames: a small stack keeps an idle container's
+/// cost low.
+const THREAD_STACK: usize = 64 * 1024;
+
+pub struct AttachHub {
+    listener: UnixListener,
+    socket: PathBuf,
+    clients: Mutex<Vec<Client>>,
+    next_client: AtomicU64,
+    stdin: Arc<StdinPort>,
+    console: Option<Arc<File>>,
+    /// CRI `stdin_once` without a terminal: the first client that ends its
+    /// stdin ends the container's.
+    stdin_once: bool,
+    /// Output copiers still running; the socket closes after the last.
+    outputs: AtomicUsize,
+    closed: AtomicBool,
+}
+
+struct Client {
+    id: u64,
+    stream: UnixStream,
+}
+
+/// Held by an output copier; the last one dropped closes the socket, so
+/// attached clients see the end of the container's output.
+pub struct OutputGuard(Arc<AttachHub>);
+
+impl Drop for OutputGuard {
+    fn drop(&mut self) {
+        if self.0.outputs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.close();
+        }
+    }
+}
+
+impl AttachHub {
+    /// Listens on `<bundle>/attach` and starts accepting clients.
+    pub fn listen(
+        id: &str,
+        bundle: &Path,
+        stdin: Arc<StdinPort>,
+        console: Option<Arc<File>>,
+        stdin_once: bool,
+    ) -> Result<Arc<AttachHub>> {
+        let socket = bundle.join(ATTACH_SOCKET);
+        let listener = bind(bundle)?;
+        // With a terminal, stdin stays open for the next client, as
+        // containerd and CRI-O do.
+        let stdin_once = stdin_once && console.is_none();
+        let hub = Arc::new(AttachHub {
+            listener,
+            socket,
+            clients: Mutex::new(Vec::new()),
+            next_client: AtomicU64::new(0),
+            stdin,
+            console,
+            stdin_once,
+            outputs: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let accepting = Arc::clone(&hub);
+        thread::Builder::new()
+            .name(format!("attach-{}", &id[..id.len().min(8)]))
+            .stack_size(THREAD_STACK)
+            .spawn(move || accepting.accept_loop())
+            .map_err(|e| Error::io("start the attach listener", e))?;
+        Ok(hub)
+    }
+
+    /// Registers an output copier; see [`OutputGuard`].
+    pub fn output(self: &Arc<Self>) -> OutputGuard {
+        self.outputs.fetch_add(1, Ordering::AcqRel);
+        OutputGuard(Arc::clone(self))
+    }
+
+    /// Sends `data` to every client, waiting for each to take it.
+    pub fn broadcast(&self, kind: Kind, data: &[u8]) {
+        let mut clients = lock(&self.clients);
+        clients.retain_mut(|c| match attach::write_frame(&mut c.stream, kind, data) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("attach client {} dropped: {e}", c.id);
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                false
+            }
+        });
+    }
+
+    /// Stops accepting, ends every client's connection and removes the
+    /// socket. Idempotent.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // SAFETY: shutdown on a descriptor this hub owns; it wakes the
+        // thread blocked in accept, which then sees `closed`.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        for c in lock(&self.clients).drain(..) {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    fn accept_loop(self: Arc<Self>) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(_) if self.closed.load(Ordering::Acquire) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("attach socket {}: {e}", self.socket.display());
+                    return;
+                }
+            };
+            if let Err(e) = self.add_client(stream) {
+                log::warn!("attach client: {e}");
+            }
+        }
+    }
+
+    fn add_client(self: &Arc<Self>, stream: UnixStream) -> Result<()> {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let reader = stream
+            .try_clone()
+            .map_err(|e| Error::io("attach client", e))?;
+        {
+            let mut clients = lock(&self.clients);
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            clients.push(Client { id, stream });
+        }
+        let hub = Arc::clone(self);
+        thread::Builder::new()
+            .name("attach-client".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || hub.serve_client(id, reader))
+            .map(drop)
+            .map_err(|e| Error::io("start an attach client", e))
+    }
+
+    /// Applies what one client sends until it goes away.
+    fn serve_client(&self, id: u64, mut stream: UnixStream) {
+        let mut buf = Vec::new();
+        loop {
+            match attach::read_frame(&mut stream, &mut buf) {
+                Ok(Some(Kind::Stdin)) => {
+                    self.stdin.write(&buf);
+                }
+                Ok(Some(Kind::CloseStdin)) => {
+                    if self.stdin_once {
+                        self.stdin.close();
+                    }
+                }
+                Ok(Some(Kind::Resize)) => self.resize(&buf),
+                Ok(Some(kind)) => {
+                    log::debug!("attach client {id} sent a {kind:?} frame; ignored");
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("attach client {id}: {e}");
+                    break;
+                }
+            }
+        }
+        let mut clients = lock(&self.clients);
+        if let Some(pos) = clients.iter().position(|c| c.id == id) {
+            let c = clients.swap_remove(pos);
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn resize(&self, payload: &[u8]) {
+        let (Some(console), Some((width, height))) = (&self.console, attach::parse_resize(payload))
+        else {
+            return;
+        };
+        if let Err(e) = resize_console(console, width.into(), height.into()) {
+            log::debug!("attach resize: {e}");
+        }
+    }
+}
+
+impl Drop for AttachHub {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Binds the socket through the bundle directory's descriptor: a deep
+/// bundle path may not fit in a socket address, `/proc/self/fd/N/attach`
+/// always does.
+fn bind(bundle: &Path) -> Result<UnixListener> {
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(bundle)
+        .map_err(|e| Error::io_path("open bundle", bundle, e))?;
+    let socket = bundle.join(ATTACH_SOCKET);
+    // A socket left by an earlier process of the same id would refuse bind.
+    let _ = std::fs::remove_file(&socket);
+    let address = format!("/proc/self/fd/{}/{ATTACH_SOCKET}", dir.as_raw_fd());
+    let listener = UnixListener::bind(&address)
+        .map_err(|e| Error::io_path("bind attach socket", &socket, e))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io_path("chmod attach socket", &socket, e))?;
+    Ok(listener)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
