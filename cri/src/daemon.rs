@@ -76,7 +76,7 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
         Arc::downgrade(&node),
     )
     .await?;
-    tracing::info!(address = %streaming.address(), "streaming server for exec and port-forward");
+    tracing::info!(address = %streaming.address(), "streaming server for exec, attach and port-forward");
     let runtime = CriRuntimeService::new(config.clone())?.with_node(node.clone(), streaming);
     let images = CriImageService::new(store);
     let (listener, socket) = CriSocket::bind(&config.socket).await?;

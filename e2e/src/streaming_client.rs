@@ -112,6 +112,9 @@ pub struct SpdyClient {
     writer: Arc<tokio::sync::Mutex<(tokio::net::tcp::OwnedWriteHalf, HeaderEncoder)>>,
     routes: Routes,
     next_id: AtomicU32,
+    /// While true the connection is not read at all: the server's writes
+    /// back up into the socket, as they do behind a slow client.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 /// A stream this client opened.
@@ -139,13 +142,20 @@ impl SpdyClient {
         let (reader, writer) = stream.into_split();
         let routes: Routes = Arc::default();
         let reader = std::io::Cursor::new(answer.body_start).chain(reader);
-        tokio::spawn(read_loop(reader, Arc::clone(&routes)));
+        let (paused, paused_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(read_loop(reader, Arc::clone(&routes), paused_rx));
         Ok(SpdyClient {
             protocol,
             writer: Arc::new(tokio::sync::Mutex::new((writer, HeaderEncoder::new()))),
             routes,
             next_id: AtomicU32::new(1),
+            paused,
         })
+    }
+
+    /// Stops (`true`) or resumes reading the connection.
+    pub fn pause_reading(&self, paused: bool) {
+        self.paused.send_replace(paused);
     }
 
     /// Opens a stream with `headers` (SYN_STREAM); the server's reply is
@@ -225,9 +235,18 @@ impl ClientStream {
     }
 }
 
-async fn read_loop<R: tokio::io::AsyncRead + Unpin>(mut reader: R, routes: Routes) {
+async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: R,
+    routes: Routes,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
     let mut dec = HeaderDecoder::new();
-    while let Ok(Some(frame)) = spdy::read_frame(&mut reader, &mut dec).await {
+    loop {
+        // A dropped client no longer pauses anything: keep reading.
+        let _ = paused.wait_for(|p| !*p).await;
+        let Ok(Some(frame)) = spdy::read_frame(&mut reader, &mut dec).await else {
+            break;
+        };
         let routes_now = routes.lock().unwrap_or_else(|e| e.into_inner());
         match frame {
             Frame::Data {

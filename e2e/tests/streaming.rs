@@ -1,10 +1,11 @@
 //! Exec and PortForward through corrald's streaming server (issue 6), with
 //! SPDY/3.1 and WebSocket clients, against real pods.
 
+use std::path::Path;
 use std::time::Duration;
 
 use corral_e2e::cri::api;
-use corral_e2e::pod::{poll, PodNode};
+use corral_e2e::pod::{poll, proc_status_kib, PodNode};
 use corral_e2e::streaming_client::{
     exec_spdy, exec_websocket, request, ClientStream, ExecInput, SpdyClient, SpdyPortForward,
     WsClient,
@@ -583,4 +584,118 @@ async fn attach_over_spdy() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
+/// corrald's resident memory, in KiB.
+fn daemon_rss_kib(node: &PodNode) -> u64 {
+    let pid = node.daemon_pid().expect("corrald runs");
+    proc_status_kib(pid as i32, "VmRSS").expect("corrald's VmRSS")
+}
+
+/// Once the writer has started and while `conn` reads nothing, the
+/// writer must stay blocked (`writing` still true 2 s later) and corrald
+/// must not take its output into memory (`rss_before` plus well under
+/// what was written).
+async fn assert_held_back(
+    node: &PodNode,
+    conn: &SpdyClient,
+    rss_before: u64,
+    writing: impl Fn() -> bool,
+) {
+    // Unthrottled, 64 MiB pass through in well under this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        writing(),
+        "the process wrote everything while its client read nothing"
+    );
+    let grown_mib = daemon_rss_kib(node).saturating_sub(rss_before) / 1024;
+    assert!(
+        grown_mib < 24,
+        "corrald grew by {grown_mib} MiB holding a slow client's output"
+    );
+    conn.pause_reading(false);
+}
+
+#[tokio::test]
+async fn slow_client_slows_the_process() {
+    const TOTAL: usize = 64 << 20;
+    let node = node().await;
+    let pod = node.run_pod("stream-slow").await.unwrap();
+    let sleeper = node
+        .run_container(&pod, "sleeper", &["sleep", "3600"])
+        .await
+        .unwrap();
+
+    // Exec: 64 MiB to a client that stops reading.
+    let rss_before = daemon_rss_kib(&node);
+    let cmd = ["dd", "if=/dev/zero", "bs=65536", "count=1024"];
+    let input = ExecInput {
+        stdout: true,
+        ..Default::default()
+    };
+    let url = exec_url(&node, &sleeper, &cmd, &input).await;
+    let conn = SpdyClient::connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    conn.pause_reading(true);
+    let mut error = conn.open(&[("streamType", "error")]).await.unwrap();
+    let mut stdout = conn.open(&[("streamType", "stdout")]).await.unwrap();
+    // busybox's dd rewrites its command line: `if=x` reads as `if\0x`.
+    let dd = b"dd\x00if\x00/dev/zero\x00bs\x0065536\x00count\x001024\x00";
+    let started = poll(WAIT, || (!pids_with_cmdline(dd).is_empty()).then_some(())).await;
+    assert!(started.is_some(), "the writer never started");
+    assert_held_back(&node, &conn, rss_before, || {
+        !pids_with_cmdline(dd).is_empty()
+    })
+    .await;
+    let (out, status) = tokio::time::timeout(WAIT, async {
+        tokio::join!(stdout.read_all(), error.read_all())
+    })
+    .await
+    .expect("the exec never ended once read");
+    assert_eq!(out.len(), TOTAL, "bytes lost or added");
+    assert!(out.iter().all(|b| *b == 0));
+    assert_eq!(status, br#"{"metadata":{},"status":"Success"}"#);
+
+    // Attach: the container itself waits for its slow client.
+    let writer = stdin_container(
+        &node,
+        &pod,
+        "writer",
+        &[
+            "sh",
+            "-c",
+            "read go; echo started >&2; dd if=/dev/zero bs=65536 count=1023 2>/dev/null; echo done",
+        ],
+        false,
+        false,
+    )
+    .await;
+    let rss_before = daemon_rss_kib(&node);
+    let input = ExecInput {
+        stdin: Some(Vec::new()),
+        stdout: true,
+        ..Default::default()
+    };
+    let url = attach_url(&node, &writer, &input).await.unwrap();
+    let conn = SpdyClient::connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    let _error = conn.open(&[("streamType", "error")]).await.unwrap();
+    let stdin = conn.open(&[("streamType", "stdin")]).await.unwrap();
+    let mut stdout = conn.open(&[("streamType", "stdout")]).await.unwrap();
+    conn.pause_reading(true);
+    stdin.write(b"go\n").await.unwrap();
+    node.wait_log_line(&writer, "started", WAIT).await.unwrap();
+    let pid = node.container_pid(&writer).await.unwrap();
+    assert_held_back(&node, &conn, rss_before, || {
+        Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await;
+    let out = tokio::time::timeout(WAIT, stdout.read_all())
+        .await
+        .expect("the attach never ended once read");
+    assert_eq!(out.len(), 1023 * 65536 + 5, "bytes lost or added");
+    assert!(out.ends_with(b"done\n"));
+    assert_eq!(node.wait_exited(&writer, WAIT).await.unwrap().exit_code, 0);
 }
