@@ -249,3 +249,149 @@ fn bind(bundle: &Path) -> Result<UnixListener> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A bundle directory deeper than a socket address can hold.
+    fn deep_bundle(root: &Path) -> PathBuf {
+        let dir = root.join("b".repeat(60)).join("c".repeat(60));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn connect(bundle: &Path) -> UnixStream {
+        let dir = File::open(bundle).unwrap();
+        UnixStream::connect(format!("/proc/self/fd/{}/{ATTACH_SOCKET}", dir.as_raw_fd())).unwrap()
+    }
+
+    fn stdin_pipe() -> (Arc<StdinPort>, File) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        (Arc::new(StdinPort::pipe(File::from(w))), File::from(r))
+    }
+
+    /// Polls until `n` clients are registered.
+    fn wait_clients(hub: &AttachHub, n: usize) {
+        for _ in 0..500 {
+            if lock(&hub.clients).len() == n {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("never {n} clients");
+    }
+
+    #[test]
+    fn every_client_gets_output_and_writes_stdin_until_stdin_once_ends_it() {
+        let root = tempfile::tempdir().unwrap();
+        let bundle = deep_bundle(root.path());
+        let (stdin, mut process_stdin) = stdin_pipe();
+        let hub = AttachHub::listen("c1", &bundle, stdin, None, true).unwrap();
+        let _output = hub.output();
+        let mut a = connect(&bundle);
+        let mut b = connect(&bundle);
+        wait_clients(&hub, 2);
+
+        hub.broadcast(Kind::Stdout, b"hello");
+        hub.broadcast(Kind::Stderr, b"oops");
+        let mut buf = Vec::new();
+        for client in [&mut a, &mut b] {
+            assert_eq!(
+                attach::read_frame(client, &mut buf).unwrap(),
+                Some(Kind::Stdout)
+            );
+            assert_eq!(buf, b"hello");
+            assert_eq!(
+                attach::read_frame(client, &mut buf).unwrap(),
+                Some(Kind::Stderr)
+            );
+            assert_eq!(buf, b"oops");
+        }
+
+        attach::write_frame(&mut a, Kind::Stdin, b"abc").unwrap();
+        attach::write_frame(&mut b, Kind::Stdin, b"def").unwrap();
+        attach::write_frame(&mut a, Kind::CloseStdin, b"").unwrap();
+        // stdin_once: the first client's end is the process's EOF.
+        let mut got = Vec::new();
+        process_stdin.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 6);
+        assert!(got == b"abcdef" || got == b"defabc", "{got:?}");
+    }
+
+    #[test]
+    fn without_stdin_once_stdin_outlives_a_client() {
+        let root = tempfile::tempdir().unwrap();
+        let (stdin, mut process_stdin) = stdin_pipe();
+        let hub = AttachHub::listen("c2", root.path(), Arc::clone(&stdin), None, false).unwrap();
+        let mut a = connect(root.path());
+        attach::write_frame(&mut a, Kind::Stdin, b"x").unwrap();
+        attach::write_frame(&mut a, Kind::CloseStdin, b"").unwrap();
+        drop(a);
+        let mut b = connect(root.path());
+        attach::write_frame(&mut b, Kind::Stdin, b"y").unwrap();
+        let mut got = [0u8; 2];
+        process_stdin.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"xy");
+        drop(hub);
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_holds_the_output_back() {
+        let root = tempfile::tempdir().unwrap();
+        let (stdin, _process_stdin) = stdin_pipe();
+        let hub = AttachHub::listen("c3", root.path(), stdin, None, false).unwrap();
+        let mut slow = connect(root.path());
+        wait_clients(&hub, 1);
+
+        // Far more than a socket buffers.
+        let (done_tx, done_rx) = mpsc::channel();
+        let writer = Arc::clone(&hub);
+        let copier = thread::spawn(move || {
+            let chunk = vec![1u8; 64 * 1024];
+            for _ in 0..128 {
+                writer.broadcast(Kind::Stdout, &chunk);
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(500)).is_err(),
+            "8 MiB went out to a client that read nothing"
+        );
+        let mut total = 0;
+        let mut buf = Vec::new();
+        while total < 128 * 64 * 1024 {
+            attach::read_frame(&mut slow, &mut buf).unwrap();
+            total += buf.len();
+        }
+        done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        copier.join().unwrap();
+        assert_eq!(total, 128 * 64 * 1024);
+    }
+
+    #[test]
+    fn the_end_of_the_output_ends_every_client_and_the_socket() {
+        let root = tempfile::tempdir().unwrap();
+        let (stdin, _process_stdin) = stdin_pipe();
+        let hub = AttachHub::listen("c4", root.path(), stdin, None, false).unwrap();
+        let stdout = hub.output();
+        let stderr = hub.output();
+        let mut client = connect(root.path());
+        wait_clients(&hub, 1);
+        drop(stdout);
+        assert!(root.path().join(ATTACH_SOCKET).exists(), "closed early");
+        drop(stderr);
+        let mut buf = Vec::new();
+        assert_eq!(attach::read_frame(&mut client, &mut buf).unwrap(), None);
+        assert!(!root.path().join(ATTACH_SOCKET).exists());
+        let dir = File::open(root.path()).unwrap();
+        assert!(
+            UnixStream::connect(format!("/proc/self/fd/{}/{ATTACH_SOCKET}", dir.as_raw_fd()))
+                .is_err()
+        );
+    }
+}

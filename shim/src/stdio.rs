@@ -245,6 +245,12 @@ impl StdinPort {
     fn forget(&self) {
         lock(&self.0).take();
     }
+
+    /// A port writing into `pipe`, for tests of its users.
+    #[cfg(test)]
+    pub fn pipe(pipe: File) -> StdinPort {
+        StdinPort(Mutex::new(Some(StdinTarget::Pipe(pipe))))
+    }
 }
 
 /// Sets a terminal's size.
