@@ -29,6 +29,7 @@ pub mod cri;
 pub mod error;
 pub mod events;
 pub mod image_builder;
+pub mod kube_api;
 pub mod pod;
 pub mod registry;
 pub mod rootfs;

@@ -122,7 +122,7 @@ async fn exec_over_spdy() {
     let got = exec(
         &node,
         &container,
-        &["sh", "-c", "sleep 0.5; stty size"],
+        &["stty", "size"],
         ExecInput {
             stdout: true,
             tty: true,

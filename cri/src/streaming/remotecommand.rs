@@ -35,6 +35,11 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed exec gets to be reported gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a terminal exec waits for the client's first size before
+/// starting the process: kubectl sends it as soon as its streams are open,
+/// and a process started first reads a 0x0 terminal.
+const FIRST_SIZE_WAIT: Duration = Duration::from_millis(500);
+
 /// With a terminal, stdin's end is an EOF character sent by the shim: it
 /// waits this long at most for the shim to copy what is still in the FIFO.
 const STDIN_DRAIN: Duration = Duration::from_secs(2);
@@ -293,8 +298,18 @@ async fn run(
         )));
     }
     let spec = crate::container::container_spec(node, &container).await?;
-    let process = crate::spec::exec_process(&spec, &req.cmd, req.tty)
+    let mut process = crate::spec::exec_process(&spec, &req.cmd, req.tty)
         .map_err(|e| StreamingError::InvalidArgument(e.to_string()))?;
+    let mut sizes = Vec::new();
+    if let Some(size) = first_size(session, &mut sizes).await {
+        // runc sizes the terminal before the process runs.
+        let console = oci_spec::runtime::BoxBuilder::default()
+            .width(size.width)
+            .height(size.height)
+            .build()
+            .map_err(|e| StreamingError::Runtime(format!("terminal size: {e}")))?;
+        process.set_console_size(Some(console));
+    }
     let process = serde_json::to_vec(&process)
         .map_err(|e| StreamingError::Runtime(format!("encode exec process: {e}")))?;
     let exec_id = format!("exec-{}", &new_id()?[..16]);
@@ -326,7 +341,7 @@ async fn run(
         .start_process(TASK_NAMESPACE, &container.id, &exec_id)
         .await
     {
-        Ok(_) => pump(&exec, session, pipes, req.tty).await,
+        Ok(_) => pump(&exec, session, pipes, req.tty, sizes).await,
         Err(e) => Err(e.into()),
     };
     // The client learns the exit before the shim forgets the process.
@@ -380,13 +395,26 @@ impl Exec<'_> {
     }
 }
 
+/// The terminal size the client sends first, waited for a short while;
+/// what followed it in the same message is left in `rest`.
+async fn first_size(session: &mut Session, rest: &mut Vec<u8>) -> Option<TerminalSize> {
+    let rx = session.resize.as_mut()?;
+    let data = tokio::time::timeout(FIRST_SIZE_WAIT, rx.recv())
+        .await
+        .ok()??;
+    let (sizes, used) = parse_sizes(&data);
+    rest.extend_from_slice(&data[used..]);
+    sizes.into_iter().last()
+}
+
 /// Moves bytes between the client and the process until it exits or the
-/// client leaves.
+/// client leaves; `sizes`: a terminal size begun before the start.
 async fn pump(
     exec: &Exec<'_>,
     session: &mut Session,
     pipes: Pipes,
     tty: bool,
+    sizes: Vec<u8>,
 ) -> Result<Ended, StreamingError> {
     let Pipes {
         stdin,
@@ -418,7 +446,7 @@ async fn pump(
     };
     let resize = async {
         if let Some(rx) = resize_rx {
-            apply_resizes(exec, rx).await;
+            apply_resizes(exec, rx, sizes).await;
         }
         std::future::pending::<()>().await
     };
@@ -503,8 +531,7 @@ pub(super) struct TerminalSize {
 
 /// Applies each `{"Width":..,"Height":..}` the client sends; the objects
 /// may arrive split or several in one message.
-async fn apply_resizes(exec: &Exec<'_>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut buf: Vec<u8> = Vec::new();
+async fn apply_resizes(exec: &Exec<'_>, mut rx: mpsc::Receiver<Vec<u8>>, mut buf: Vec<u8>) {
     while let Some(data) = rx.recv().await {
         buf.extend_from_slice(&data);
         let (sizes, used) = parse_sizes(&buf);
