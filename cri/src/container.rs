@@ -19,7 +19,7 @@ use corral_runtime::task_service::{CreateTask, ExecProcess, Exit, Stdio};
 use k8s_cri::v1 as cri;
 use tokio::io::AsyncReadExt;
 
-use crate::container_io::{make_fifo, Copiers};
+use crate::container_io::{Copiers, ExecFifos};
 use crate::error::{Error, Result};
 use crate::node::{
     ignore_not_found, new_id, now_ns, to_ns, Container, Node, Sandbox, TASK_NAMESPACE,
@@ -429,7 +429,7 @@ pub async fn exec_sync(
     }
     let exec_id = format!("exec-{}", &new_id()?[..16]);
     let dir = node.config.state.join("exec").join(&exec_id);
-    let fifos = ExecFifos::create(&dir)?;
+    let fifos = ExecFifos::create(&dir, false, true, true)?;
     let result = run_exec(node, &container, &exec_id, cmd, timeout, &fifos).await;
     let _ = node
         .tasks
@@ -452,7 +452,11 @@ async fn run_exec(
     let process = spec::exec_process(&spec, &cmd, false)?;
     let process = serde_json::to_vec(&process)
         .map_err(|e| Error::Internal(format!("encode exec process: {e}")))?;
-    let (mut stdout, mut stderr, keepalive) = fifos.open_readers()?;
+    let pipes = fifos.open()?;
+    let (Some(mut stdout), Some(mut stderr)) = (pipes.stdout, pipes.stderr) else {
+        return Err(Error::Internal("ExecSync FIFOs without output".into()));
+    };
+    let keepalive = pipes.keepalive;
     tasks
         .exec(
             TASK_NAMESPACE,
@@ -460,12 +464,7 @@ async fn run_exec(
             ExecProcess {
                 exec_id: exec_id.to_string(),
                 spec: process,
-                stdio: Stdio {
-                    stdin: String::new(),
-                    stdout: fifos.stdout.display().to_string(),
-                    stderr: fifos.stderr.display().to_string(),
-                    terminal: false,
-                },
+                stdio: fifos.stdio(false),
             },
         )
         .await?;
@@ -512,59 +511,6 @@ async fn run_exec(
         stderr,
         exit_code: exit.status as i32,
     })
-}
-
-/// The FIFOs an ExecSync reads the process's output from.
-struct ExecFifos {
-    dir: PathBuf,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl ExecFifos {
-    fn create(dir: &Path) -> Result<ExecFifos> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create exec directory", dir, e))?;
-        let fifos = ExecFifos {
-            dir: dir.to_path_buf(),
-            stdout: dir.join("stdout"),
-            stderr: dir.join("stderr"),
-        };
-        for path in [&fifos.stdout, &fifos.stderr] {
-            make_fifo(path)?;
-        }
-        Ok(fifos)
-    }
-
-    /// Both read ends, plus write ends held until the shim has opened its
-    /// own: a FIFO without writers reads as EOF.
-    fn open_readers(
-        &self,
-    ) -> Result<(
-        tokio::net::unix::pipe::Receiver,
-        tokio::net::unix::pipe::Receiver,
-        Vec<tokio::net::unix::pipe::Sender>,
-    )> {
-        let reader = |path: &Path| {
-            tokio::net::unix::pipe::OpenOptions::new()
-                .open_receiver(path)
-                .map_err(|e| Error::io("open FIFO", path, e))
-        };
-        let writer = |path: &Path| {
-            tokio::net::unix::pipe::OpenOptions::new()
-                .open_sender(path)
-                .map_err(|e| Error::io("open FIFO", path, e))
-        };
-        let out = reader(&self.stdout)?;
-        let err = reader(&self.stderr)?;
-        let keep = vec![writer(&self.stdout)?, writer(&self.stderr)?];
-        Ok((out, err, keep))
-    }
-}
-
-impl Drop for ExecFifos {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 async fn read_capped(reader: &mut tokio::net::unix::pipe::Receiver) -> Vec<u8> {

@@ -8,8 +8,11 @@
 //! format (`corral_proto::cri_log`). While corrald is down their output
 //! waits in the pipes, and a restart resumes copying from them.
 //!
-//! Owns `<state>/io/<id>/{stdout,stderr}` and the copier threads; it does
-//! not start or stop processes.
+//! Exec processes (ExecSync, and Exec through the streaming server) get
+//! FIFOs too, read by corrald whatever the shim: [`ExecFifos`].
+//!
+//! Owns `<state>/io/<id>/{stdout,stderr}`, `<state>/exec/<exec id>/` and
+//! the copier threads; it does not start or stop processes.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -20,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use corral_proto::cri_log::{copy_lines, CriLogFile, Stream};
+use corral_runtime::task_service::Stdio;
+use tokio::net::unix::pipe;
 
 use crate::error::{Error, Result};
 
@@ -140,6 +145,109 @@ impl Copiers {
     }
 }
 
+/// The FIFOs of one exec process's stdio, removed with their directory on
+/// drop.
+pub struct ExecFifos {
+    dir: PathBuf,
+    stdin: Option<PathBuf>,
+    stdout: Option<PathBuf>,
+    stderr: Option<PathBuf>,
+}
+
+/// corrald's ends of an exec's FIFOs.
+pub struct ExecPipes {
+    pub stdin: Option<pipe::Sender>,
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
+    /// Write ends of the output FIFOs, to hold until the process has
+    /// exited: a FIFO without writers reads as EOF, and the shim may open
+    /// its own end only after the start returns.
+    pub keepalive: Vec<pipe::Sender>,
+}
+
+impl ExecFifos {
+    /// Makes `dir` and a FIFO in it for each stream asked for.
+    pub fn create(dir: &Path, stdin: bool, stdout: bool, stderr: bool) -> Result<ExecFifos> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create exec directory", dir, e))?;
+        let fifos = ExecFifos {
+            dir: dir.to_path_buf(),
+            stdin: stdin.then(|| dir.join("stdin")),
+            stdout: stdout.then(|| dir.join("stdout")),
+            stderr: stderr.then(|| dir.join("stderr")),
+        };
+        for path in [&fifos.stdin, &fifos.stdout, &fifos.stderr]
+            .into_iter()
+            .flatten()
+        {
+            make_fifo(path)?;
+        }
+        Ok(fifos)
+    }
+
+    /// Opens corrald's ends, before the shim opens its own.
+    pub fn open(&self) -> Result<ExecPipes> {
+        let mut pipes = ExecPipes {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            keepalive: Vec::new(),
+        };
+        for (path, slot) in [
+            (&self.stdout, &mut pipes.stdout),
+            (&self.stderr, &mut pipes.stderr),
+        ] {
+            if let Some(path) = path {
+                *slot = Some(
+                    pipe::OpenOptions::new()
+                        .open_receiver(path)
+                        .map_err(|e| open_error(path, e))?,
+                );
+                pipes.keepalive.push(
+                    pipe::OpenOptions::new()
+                        .open_sender(path)
+                        .map_err(|e| open_error(path, e))?,
+                );
+            }
+        }
+        if let Some(path) = &self.stdin {
+            // Read-write, so the open succeeds before the shim opens its
+            // reading end.
+            pipes.stdin = Some(
+                pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_sender(path)
+                    .map_err(|e| open_error(path, e))?,
+            );
+        }
+        Ok(pipes)
+    }
+
+    /// The stdio URIs the shim is given.
+    pub fn stdio(&self, terminal: bool) -> Stdio {
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        Stdio {
+            stdin: path(&self.stdin),
+            stdout: path(&self.stdout),
+            stderr: path(&self.stderr),
+            terminal,
+        }
+    }
+}
+
+fn open_error(path: &Path, e: std::io::Error) -> Error {
+    Error::io("open FIFO", path, e)
+}
+
+impl Drop for ExecFifos {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A FIFO only the daemon (root) reads and writes; one already there is
 /// kept.
 pub fn make_fifo(path: &Path) -> Result<()> {
@@ -229,5 +337,31 @@ mod tests {
         assert!(!copiers.reopen("unknown").unwrap());
         copiers.remove("c1", &dir.path().join("io"));
         assert!(!dir.path().join("io").exists());
+    }
+
+    #[tokio::test]
+    async fn exec_fifos_are_made_and_removed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let exec_dir = dir.path().join("exec-x");
+        let fifos = ExecFifos::create(&exec_dir, true, true, false).unwrap();
+        let stdio = fifos.stdio(true);
+        assert!(stdio.stdin.ends_with("/stdin") && stdio.stdout.ends_with("/stdout"));
+        assert_eq!(stdio.stderr, "");
+        let mut pipes = fifos.open().unwrap();
+        // What goes into the stdout FIFO comes out of our reader.
+        pipes.keepalive[0].write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        pipes
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut buf)
+            .await
+            .unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(pipes);
+        drop(fifos);
+        assert!(!exec_dir.exists());
     }
 }

@@ -10,11 +10,10 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use corral_runtime::task_service::{ExecProcess, Stdio};
+use corral_runtime::task_service::ExecProcess;
 use k8s_cri::v1 as cri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -22,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::server::{Transport, Upgraded};
 use super::{spdy, websocket, Out, StreamingError, INPUT_QUEUE, READ_CHUNK};
+use crate::container_io::{ExecFifos, ExecPipes};
 use crate::node::{new_id, Node, TASK_NAMESPACE};
 use crate::store::ContainerState;
 
@@ -313,7 +313,7 @@ async fn run(
     let process = serde_json::to_vec(&process)
         .map_err(|e| StreamingError::Runtime(format!("encode exec process: {e}")))?;
     let exec_id = format!("exec-{}", &new_id()?[..16]);
-    let fifos = Fifos::create(
+    let fifos = ExecFifos::create(
         &node.config.state.join("exec").join(&exec_id),
         session.stdin.is_some(),
         session.stdout.is_some(),
@@ -412,11 +412,11 @@ async fn first_size(session: &mut Session, rest: &mut Vec<u8>) -> Option<Termina
 async fn pump(
     exec: &Exec<'_>,
     session: &mut Session,
-    pipes: Pipes,
+    pipes: ExecPipes,
     tty: bool,
     sizes: Vec<u8>,
 ) -> Result<Ended, StreamingError> {
-    let Pipes {
+    let ExecPipes {
         stdin,
         stdout,
         stderr,
@@ -630,113 +630,6 @@ pub fn status_message(
     status["message"].as_str().map(|m| m.as_bytes().to_vec())
 }
 
-/// The FIFOs of one exec's stdio, removed with their directory on drop.
-struct Fifos {
-    dir: PathBuf,
-    stdin: Option<PathBuf>,
-    stdout: Option<PathBuf>,
-    stderr: Option<PathBuf>,
-}
-
-/// This side's ends of the FIFOs.
-struct Pipes {
-    stdin: Option<pipe::Sender>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
-    /// Write ends of the output FIFOs held until the exit: a FIFO without
-    /// writers reads as EOF, and the shim may open its end late.
-    keepalive: Vec<pipe::Sender>,
-}
-
-impl Fifos {
-    fn create(
-        dir: &Path,
-        stdin: bool,
-        stdout: bool,
-        stderr: bool,
-    ) -> Result<Fifos, StreamingError> {
-        std::fs::create_dir_all(dir).map_err(|source| StreamingError::Io {
-            what: "create the exec FIFO directory",
-            source,
-        })?;
-        let fifos = Fifos {
-            dir: dir.to_path_buf(),
-            stdin: stdin.then(|| dir.join("stdin")),
-            stdout: stdout.then(|| dir.join("stdout")),
-            stderr: stderr.then(|| dir.join("stderr")),
-        };
-        for path in [&fifos.stdin, &fifos.stdout, &fifos.stderr]
-            .into_iter()
-            .flatten()
-        {
-            nix::unistd::mkfifo(
-                path.as_path(),
-                nix::sys::stat::Mode::from_bits_truncate(0o600),
-            )
-            .map_err(|e| StreamingError::Io {
-                what: "create an exec FIFO",
-                source: e.into(),
-            })?;
-        }
-        Ok(fifos)
-    }
-
-    fn open(&self) -> Result<Pipes, StreamingError> {
-        let io = |source| StreamingError::Io {
-            what: "open an exec FIFO",
-            source,
-        };
-        let mut pipes = Pipes {
-            stdin: None,
-            stdout: None,
-            stderr: None,
-            keepalive: Vec::new(),
-        };
-        for (path, slot) in [
-            (&self.stdout, &mut pipes.stdout),
-            (&self.stderr, &mut pipes.stderr),
-        ] {
-            if let Some(path) = path {
-                *slot = Some(pipe::OpenOptions::new().open_receiver(path).map_err(io)?);
-                pipes
-                    .keepalive
-                    .push(pipe::OpenOptions::new().open_sender(path).map_err(io)?);
-            }
-        }
-        if let Some(path) = &self.stdin {
-            // Read-write, so the open succeeds before the shim opens its
-            // reading end.
-            pipes.stdin = Some(
-                pipe::OpenOptions::new()
-                    .read_write(true)
-                    .open_sender(path)
-                    .map_err(io)?,
-            );
-        }
-        Ok(pipes)
-    }
-
-    fn stdio(&self, terminal: bool) -> Stdio {
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        };
-        Stdio {
-            stdin: path(&self.stdin),
-            stdout: path(&self.stdout),
-            stderr: path(&self.stderr),
-            terminal,
-        }
-    }
-}
-
-impl Drop for Fifos {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,30 +670,5 @@ mod tests {
         let (sizes, used) = parse_sizes(b"garbage");
         assert!(sizes.is_empty());
         assert_eq!(used, 7);
-    }
-
-    #[tokio::test]
-    async fn fifos_are_made_and_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let exec_dir = dir.path().join("exec-x");
-        let fifos = Fifos::create(&exec_dir, true, true, false).unwrap();
-        let stdio = fifos.stdio(true);
-        assert!(stdio.stdin.ends_with("/stdin") && stdio.stdout.ends_with("/stdout"));
-        assert_eq!(stdio.stderr, "");
-        let mut pipes = fifos.open().unwrap();
-        // What goes into the stdout FIFO comes out of our reader.
-        pipes.keepalive[0].write_all(b"hi").await.unwrap();
-        let mut buf = [0u8; 2];
-        pipes
-            .stdout
-            .as_mut()
-            .unwrap()
-            .read_exact(&mut buf)
-            .await
-            .unwrap();
-        assert_eq!(&buf, b"hi");
-        drop(pipes);
-        drop(fifos);
-        assert!(!exec_dir.exists());
     }
 }
