@@ -165,8 +165,8 @@ async fn create_task(
     };
     let corral_shim = shim_writes_log(node, &sandbox_record.runtime_handler);
     if container.config.stdin && corral_shim {
-        // Held open by the shim for attached clients; other shims' stdin
-        // is not served (Attach needs corral's shim).
+        // Held open by the shim for attached clients (for other shims,
+        // corrald holds the stdin FIFO below).
         stdio.stdin = if container.config.stdin_once {
             ATTACH_STDIN_ONCE
         } else {
@@ -185,7 +185,12 @@ async fn create_task(
             stdio.stderr = if tty { String::new() } else { log.clone() };
             stdio.stdout = log;
         } else {
-            let (fifos, pending) = Copiers::prepare(&io_dir(node, &container.id), tty, path)?;
+            let (fifos, pending) =
+                Copiers::prepare(&io_dir(node, &container.id), &container.config, path)?;
+            stdio.stdin = fifos
+                .stdin
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             stdio.stdout = fifos.stdout.display().to_string();
             stdio.stderr = fifos
                 .stderr

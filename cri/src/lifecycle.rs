@@ -185,7 +185,7 @@ fn resume_log_copy(node: &Node, c: &Container) {
     }
     let dir = container::io_dir(node, &c.id);
     let log = std::path::Path::new(&record.log_path);
-    let resumed = crate::container_io::Copiers::resume(&dir, log)
+    let resumed = crate::container_io::Copiers::resume(&dir, &c.config, log)
         .and_then(|pending| node.copiers.start(&c.id, pending));
     if let Err(e) = resumed {
         tracing::warn!(container = %c.id, error = %e, "resuming the copy of a container's output");

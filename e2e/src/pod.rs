@@ -511,6 +511,11 @@ pub async fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
+/// The runtime handler every [`PodNode`] has besides the default (corral's
+/// shim): Debian's `containerd-shim-runc-v2`, whose containers' output
+/// corrald copies itself.
+pub const RUNC_V2_HANDLER: &str = "runc-v2";
+
 /// corrald with a CNI bridge network, runc state and pod cgroups of one
 /// test, a registry holding a busybox image, and that image pulled.
 pub struct PodNode {
@@ -567,9 +572,10 @@ impl PodNode {
         cleanup.track_runc_root(&Runc::new(runc_root.join("k8s.io")));
         let network = BridgeNetwork::create(&cleanup, &config.cni_conf_dir)?;
         config.yaml = format!(
-            "runtimes:\n  \"\":\n    shim: io.containerd.corral.v2\n    binary: {}\n    root: {}\n{extra_yaml}",
-            oci_runtime(),
-            runc_root.display()
+            "runtimes:\n  \"\":\n    shim: io.containerd.corral.v2\n    binary: {runc}\n    root: {root}\n  \
+             {RUNC_V2_HANDLER}:\n    shim: io.containerd.runc.v2\n    binary: {runc}\n    root: {root}\n{extra_yaml}",
+            runc = oci_runtime(),
+            root = runc_root.display()
         );
         // Bundles and the snapshots holding the image live under the
         // daemon's root: a crashed test's mounts are found there.
@@ -703,10 +709,25 @@ impl PodNode {
         &self,
         config: api::PodSandboxConfig,
     ) -> std::result::Result<String, Status> {
+        self.try_run_pod_on(config, "").await
+    }
+
+    /// RunPodSandbox of [`PodNode::pod_config`]`(name)` under the runtime
+    /// handler `handler` (a RuntimeClass).
+    pub async fn run_pod_on(&self, name: &str, handler: &str) -> Result<String> {
+        let result = self.try_run_pod_on(self.pod_config(name), handler).await;
+        result.map_err(|s| self.rpc_error("RunPodSandbox", s))
+    }
+
+    async fn try_run_pod_on(
+        &self,
+        config: api::PodSandboxConfig,
+        handler: &str,
+    ) -> std::result::Result<String, Status> {
         let mut client = self.client();
         let request = api::RunPodSandboxRequest {
             config: Some(config.clone()),
-            runtime_handler: String::new(),
+            runtime_handler: handler.to_string(),
         };
         let response = tokio::time::timeout(RPC_TIMEOUT, client.runtime.run_pod_sandbox(request))
             .await

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use corral_e2e::cri::api;
-use corral_e2e::pod::{poll, proc_status_kib, PodNode};
+use corral_e2e::pod::{poll, proc_status_kib, PodNode, RUNC_V2_HANDLER};
 use corral_e2e::streaming_client::{
     exec_spdy, exec_websocket, request, ClientStream, ExecInput, SpdyClient, SpdyPortForward,
     WsClient,
@@ -425,16 +425,18 @@ async fn read_until(stream: &mut ClientStream, needle: &str) -> String {
     seen
 }
 
-/// A terminal attach over SPDY: the connection, stdin, stdout and resize
-/// streams (the error stream is opened and left).
-async fn attach_terminal(
+/// An attach with stdin and stdout over SPDY (and a resize stream with a
+/// terminal): the connection and those streams; the error stream is opened
+/// and left.
+async fn attach_stdin(
     node: &PodNode,
     container: &str,
-) -> (SpdyClient, ClientStream, ClientStream, ClientStream) {
+    tty: bool,
+) -> (SpdyClient, ClientStream, ClientStream, Option<ClientStream>) {
     let input = ExecInput {
         stdin: Some(Vec::new()),
         stdout: true,
-        tty: true,
+        tty,
         ..Default::default()
     };
     let url = attach_url(node, container, &input).await.unwrap();
@@ -444,20 +446,20 @@ async fn attach_terminal(
     let _error = conn.open(&[("streamType", "error")]).await.unwrap();
     let stdin = conn.open(&[("streamType", "stdin")]).await.unwrap();
     let stdout = conn.open(&[("streamType", "stdout")]).await.unwrap();
-    let resize = conn.open(&[("streamType", "resize")]).await.unwrap();
+    let resize = match tty {
+        true => Some(conn.open(&[("streamType", "resize")]).await.unwrap()),
+        false => None,
+    };
     (conn, stdin, stdout, resize)
 }
 
-#[tokio::test]
-async fn attach_over_spdy() {
-    let node = node().await;
-    let pod = node.run_pod("stream-attach").await.unwrap();
-
-    // stdin_once: the client's stdin reaches the container, its end ends
-    // the container's, the container exits and the client hears success.
+/// stdin_once: an attached client's stdin reaches the container, its end
+/// ends the container's, the container exits and the client hears
+/// success; the log got the output as well. Returns the exited container.
+async fn attach_stdin_once(node: &PodNode, pod: &str) -> String {
     let echo = stdin_container(
-        &node,
-        &pod,
+        node,
+        pod,
         "echo",
         &[
             "sh",
@@ -474,7 +476,7 @@ async fn attach_over_spdy() {
         stderr: true,
         ..Default::default()
     };
-    let url = attach_url(&node, &echo, &input).await.unwrap();
+    let url = attach_url(node, &echo, &input).await.unwrap();
     let got = tokio::time::timeout(WAIT, exec_spdy(&url, input))
         .await
         .expect("attach timed out")
@@ -490,6 +492,65 @@ async fn attach_over_spdy() {
     // The log got the output as well.
     let log = node.wait_log_line(&echo, "bye", WAIT).await.unwrap();
     assert!(log.contains("stdout F echo: a"), "{log}");
+    echo
+}
+
+/// Polls, through ExecSync, until the container's terminal is `size`
+/// ("rows cols").
+async fn wait_terminal_size(node: &PodNode, container: &str, size: &str) {
+    for _ in 0..100 {
+        let got = node
+            .exec_sync(container, &["stty", "-F", "/dev/console", "size"], 10)
+            .await
+            .map(|r| String::from_utf8_lossy(&r.stdout).trim().to_string());
+        if got.as_deref().ok() == Some(size) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the terminal of {container} never became {size}");
+}
+
+/// A terminal container attached twice: the first client sizes it to
+/// `(width, height)` and types a line (then ends its stdin, if
+/// `end_stdin`) and leaves; the second's line is read all the same.
+async fn terminal_attaches(
+    node: &PodNode,
+    pod: &str,
+    (width, height): (u16, u16),
+    end_stdin: bool,
+) {
+    let term = stdin_container(
+        node,
+        pod,
+        "term",
+        &["sh", "-c", "while read l; do echo \"got $l\"; done"],
+        false,
+        true,
+    )
+    .await;
+    let (conn, stdin, mut stdout, resize) = attach_stdin(node, &term, true).await;
+    let size = format!("{{\"Width\":{width},\"Height\":{height}}}");
+    let resize = resize.expect("a terminal's resize stream");
+    resize.write(size.as_bytes()).await.unwrap();
+    wait_terminal_size(node, &term, &format!("{height} {width}")).await;
+    stdin.write(b"one\n").await.unwrap();
+    read_until(&mut stdout, "got one").await;
+    if end_stdin {
+        stdin.close().await.unwrap();
+    }
+    drop((stdin, stdout, resize, conn));
+    let (_conn, stdin, mut stdout, _resize) = attach_stdin(node, &term, true).await;
+    stdin.write(b"two\n").await.unwrap();
+    read_until(&mut stdout, "got two").await;
+}
+
+#[tokio::test]
+async fn attach_over_spdy() {
+    let node = node().await;
+    let pod = node.run_pod("stream-attach").await.unwrap();
+
+    let echo = attach_stdin_once(&node, &pod).await;
 
     // Output only: a client sees what is written while it is attached;
     // leaving detaches, the container runs on, and the next one sees more.
@@ -533,38 +594,37 @@ async fn attach_over_spdy() {
     );
 
     // A terminal: a resize reaches it, typed input is echoed and read, and
-    // without stdin_once the container's stdin outlives the client.
-    let term = stdin_container(
+    // without stdin_once the container's stdin outlives a client that ends
+    // its own.
+    terminal_attaches(&node, &pod, (123, 45), true).await;
+
+    // Without stdin_once, the end of a client's stdin ends its attach (as
+    // containerd's) but not the container's stdin: the next client's
+    // input is read.
+    let reader = stdin_container(
         &node,
         &pod,
-        "term",
+        "reader",
         &["sh", "-c", "while read l; do echo \"got $l\"; done"],
         false,
-        true,
+        false,
     )
     .await;
-    let (conn, stdin, mut stdout, resize) = attach_terminal(&node, &term).await;
-    resize.write(br#"{"Width":123,"Height":45}"#).await.unwrap();
-    let mut sized = None;
-    for _ in 0..100 {
-        let size = node
-            .exec_sync(&term, &["stty", "-F", "/dev/console", "size"], 10)
-            .await
-            .map(|r| String::from_utf8_lossy(&r.stdout).trim().to_string());
-        if size.as_deref().ok() == Some("45 123") {
-            sized = Some(());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(sized.is_some(), "the terminal was never resized");
-    stdin.write(b"one\n").await.unwrap();
-    read_until(&mut stdout, "got one").await;
-    stdin.close().await.unwrap();
-    drop((stdin, stdout, resize, conn));
-    let (_conn, stdin, mut stdout, _resize) = attach_terminal(&node, &term).await;
+    let input = ExecInput {
+        stdin: Some(b"one\n".to_vec()),
+        stdout: true,
+        ..Default::default()
+    };
+    let url = attach_url(&node, &reader, &input).await.unwrap();
+    let got = tokio::time::timeout(WAIT, exec_spdy(&url, input))
+        .await
+        .expect("an attach whose stdin ended went on")
+        .unwrap();
+    assert_eq!(got.error, br#"{"metadata":{},"status":"Success"}"#);
+    let (conn, stdin, mut stdout, _) = attach_stdin(&node, &reader, false).await;
     stdin.write(b"two\n").await.unwrap();
     read_until(&mut stdout, "got two").await;
+    drop((stdin, stdout, conn));
 
     // Bad requests are refused at the RPC.
     let with_stdin = ExecInput {
@@ -698,4 +758,20 @@ async fn slow_client_slows_the_process() {
     assert_eq!(out.len(), 1023 * 65536 + 5, "bytes lost or added");
     assert!(out.ends_with(b"done\n"));
     assert_eq!(node.wait_exited(&writer, WAIT).await.unwrap().exit_code, 0);
+}
+
+#[tokio::test]
+async fn attach_to_another_shims_container() {
+    // Debian's containerd-shim-runc-v2 knows only FIFOs: corrald copies the
+    // output to the log and to attached clients, and holds stdin.
+    let node = node().await;
+    let pod = node
+        .run_pod_on("stream-attach-v2", RUNC_V2_HANDLER)
+        .await
+        .unwrap();
+    attach_stdin_once(&node, &pod).await;
+
+    // A terminal, resized through the task API, and a client that leaves
+    // without ending its stdin.
+    terminal_attaches(&node, &pod, (77, 21), false).await;
 }

@@ -5,7 +5,9 @@
 //! only through the bundle directory, which is root's) for each container
 //! whose output it writes to a CRI log. Every connection receives the
 //! container's output from the moment it connects, and may send stdin,
-//! the end of its stdin, and terminal sizes. The shim writes to a client
+//! the end of its stdin, and terminal sizes; a client that writes stdin
+//! says so first, and with `stdin_once` its end (or its disconnection)
+//! ends the container's stdin. The shim writes to a client
 //! synchronously: a client that does not read slows the container, it
 //! does not make the shim buffer.
 //!
@@ -47,6 +49,10 @@ pub enum Kind {
     /// Client to shim: the terminal's size, width then height, each a
     /// big-endian u16.
     Resize,
+    /// Client to shim, first if at all: this client writes stdin, so its
+    /// going away (even without [`Kind::CloseStdin`]: a crash) ends its
+    /// stdin.
+    OpenStdin,
 }
 
 impl Kind {
@@ -57,6 +63,7 @@ impl Kind {
             Kind::Stderr => 2,
             Kind::CloseStdin => 3,
             Kind::Resize => 4,
+            Kind::OpenStdin => 5,
         }
     }
 
@@ -67,6 +74,7 @@ impl Kind {
             2 => Kind::Stderr,
             3 => Kind::CloseStdin,
             4 => Kind::Resize,
+            5 => Kind::OpenStdin,
             _ => return None,
         })
     }

@@ -7,7 +7,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use corral_proto::attach::{self, FrameError, Kind, ATTACH_SOCKET, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,10 +50,21 @@ pub async fn connect(bundle: &Path) -> Result<(AttachOutput, AttachInput)> {
     Ok((
         AttachOutput {
             reader,
+            socket: socket.clone(),
             buf: Vec::new(),
         },
-        AttachInput { writer },
+        AttachInput { writer, socket },
     ))
+}
+
+/// The shim shut the socket: the container's output has ended.
+fn is_end(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 fn is_absent(e: &std::io::Error) -> bool {
@@ -66,26 +77,29 @@ fn is_absent(e: &std::io::Error) -> bool {
 /// The container's output, from the moment of connecting.
 pub struct AttachOutput {
     reader: OwnedReadHalf,
+    socket: PathBuf,
     buf: Vec<u8>,
 }
 
 impl AttachOutput {
     /// The next chunk of output; `None` once the container's output has
-    /// ended (it exited, or it was deleted).
+    /// ended (it exited, or it was deleted: the shim shuts the socket,
+    /// possibly mid-frame).
     pub async fn next(&mut self) -> Result<Option<Output>> {
         loop {
             let mut header = [0u8; HEADER_LEN];
             match self.reader.read_exact(&mut header).await {
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(e) => return Err(frame_error(e.into())),
+                Err(e) if is_end(&e) => return Ok(None),
+                Err(e) => return Err(Error::io("read attach socket", &self.socket, e)),
             }
-            let (kind, len) = attach::parse_header(&header).map_err(frame_error)?;
+            let (kind, len) = attach::parse_header(&header).map_err(|e| self.protocol(e))?;
             self.buf.resize(len, 0);
-            self.reader
-                .read_exact(&mut self.buf)
-                .await
-                .map_err(|e| frame_error(e.into()))?;
+            match self.reader.read_exact(&mut self.buf).await {
+                Ok(_) => {}
+                Err(e) if is_end(&e) => return Ok(None),
+                Err(e) => return Err(Error::io("read attach socket", &self.socket, e)),
+            }
             let data = std::mem::take(&mut self.buf);
             match kind {
                 Kind::Stdout => return Ok(Some(Output::Stdout(data))),
@@ -97,12 +111,25 @@ impl AttachOutput {
     }
 }
 
-/// What a client sends the container.
+impl AttachOutput {
+    fn protocol(&self, e: FrameError) -> Error {
+        Error::Internal(format!("attach socket {}: {e}", self.socket.display()))
+    }
+}
+
+/// What a client sends the container. Dropping it detaches; a client that
+/// opened stdin ends it so.
 pub struct AttachInput {
     writer: OwnedWriteHalf,
+    socket: PathBuf,
 }
 
 impl AttachInput {
+    /// Declares that this client writes stdin (before any stdin).
+    pub async fn open_stdin(&mut self) -> Result<()> {
+        self.send(Kind::OpenStdin, &[]).await
+    }
+
     /// Writes to the container's stdin (ignored by the shim if the
     /// container was created without stdin).
     pub async fn stdin(&mut self, data: &[u8]) -> Result<()> {
@@ -124,19 +151,19 @@ impl AttachInput {
             .await
     }
 
+    /// Header and payload in one buffer, so one `write_all` sends the
+    /// frame. A send cancelled part way leaves a partial frame: the
+    /// connection is then only good for dropping.
     async fn send(&mut self, kind: Kind, data: &[u8]) -> Result<()> {
-        let header = attach::header(kind, data.len()).map_err(frame_error)?;
+        let header = attach::header(kind, data.len()).map_err(|e| {
+            Error::InvalidArgument(format!("attach socket {}: {e}", self.socket.display()))
+        })?;
+        let mut frame = Vec::with_capacity(header.len() + data.len());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(data);
         self.writer
-            .write_all(&header)
+            .write_all(&frame)
             .await
-            .map_err(|e| frame_error(e.into()))?;
-        self.writer
-            .write_all(data)
-            .await
-            .map_err(|e| frame_error(e.into()))
+            .map_err(|e| Error::io("write attach socket", &self.socket, e))
     }
-}
-
-fn frame_error(e: FrameError) -> Error {
-    Error::Internal(e.to_string())
 }

@@ -10,10 +10,12 @@
 //!
 //! Writes to clients are synchronous, in the copier's thread: a client that
 //! reads slowly slows the container's output, and nothing is buffered for
-//! it here. A client that goes away is dropped at the next write.
+//! it here. Closing shuts every client's socket, which also frees a copier
+//! blocked on one; a client that goes away is dropped at the next write.
 
 use std::{
     fs::File,
+    io::ErrorKind,
     os::{
         fd::AsRawFd,
         unix::{
@@ -27,23 +29,28 @@ use std::{
         Arc, Mutex,
     },
     thread,
+    time::Duration,
 };
 
 use corral_proto::attach::{self, Kind, ATTACH_SOCKET};
 
 use crate::{
     error::{Error, Result},
-    stdio::{resize_console, StdinPort},
+    stdio::{resize_console, short, StdinPort},
 };
 
 /// Threads that only move frames: a small stack keeps an idle container's
 /// cost low.
 const THREAD_STACK: usize = 64 * 1024;
 
+/// How long accept waits after a failure that may pass (out of
+/// descriptors, an aborted connection).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 pub struct AttachHub {
     listener: UnixListener,
     socket: PathBuf,
-    clients: Mutex<Vec<Client>>,
+    clients: Mutex<Vec<Arc<Client>>>,
     next_client: AtomicU64,
     stdin: Arc<StdinPort>,
     console: Option<Arc<File>>,
@@ -58,6 +65,9 @@ pub struct AttachHub {
 struct Client {
     id: u64,
     stream: UnixStream,
+    /// Held for a whole frame: the copiers of stdout and stderr write to
+    /// the same client.
+    writing: Mutex<()>,
 }
 
 /// Held by an output copier; the last one dropped closes the socket, so
@@ -99,7 +109,7 @@ impl AttachHub {
         });
         let accepting = Arc::clone(&hub);
         thread::Builder::new()
-            .name(format!("attach-{}", &id[..id.len().min(8)]))
+            .name(format!("attach-{}", short(id)))
             .stack_size(THREAD_STACK)
             .spawn(move || accepting.accept_loop())
             .map_err(|e| Error::io("start the attach listener", e))?;
@@ -112,21 +122,28 @@ impl AttachHub {
         OutputGuard(Arc::clone(self))
     }
 
-    /// Sends `data` to every client, waiting for each to take it.
+    /// Sends `data` to every client, waiting for each to take it. The list
+    /// is copied first: a client slow to read must not keep others from
+    /// connecting, or `close` from shutting it.
     pub fn broadcast(&self, kind: Kind, data: &[u8]) {
-        let mut clients = lock(&self.clients);
-        clients.retain_mut(|c| match attach::write_frame(&mut c.stream, kind, data) {
-            Ok(()) => true,
-            Err(e) => {
-                log::debug!("attach client {} dropped: {e}", c.id);
-                let _ = c.stream.shutdown(std::net::Shutdown::Both);
-                false
+        let clients = lock(&self.clients).clone();
+        for client in clients {
+            if self.closed.load(Ordering::Acquire) {
+                return;
             }
-        });
+            let sent = {
+                let _frame = lock(&client.writing);
+                attach::write_frame(&mut &client.stream, kind, data)
+            };
+            if let Err(e) = sent {
+                log::debug!("attach client {} dropped: {e}", client.id);
+                self.drop_client(client.id);
+            }
+        }
     }
 
     /// Stops accepting, ends every client's connection and removes the
-    /// socket. Idempotent.
+    /// socket. Idempotent; never waits for a client.
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -135,6 +152,7 @@ impl AttachHub {
         // thread blocked in accept, which then sees `closed`.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         for c in lock(&self.clients).drain(..) {
+            // Also fails a copier's write blocked on this client.
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.socket);
@@ -145,9 +163,16 @@ impl AttachHub {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(_) if self.closed.load(Ordering::Acquire) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if is_transient(&e) => {
+                    log::debug!("attach socket {}: {e}", self.socket.display());
+                    thread::sleep(ACCEPT_BACKOFF);
+                    continue;
+                }
                 Err(e) => {
-                    log::warn!("attach socket {}: {e}", self.socket.display());
+                    // Refuse later clients rather than leave them hanging
+                    // in a backlog nobody accepts from.
+                    log::warn!("attach socket {}: {e}; closed", self.socket.display());
+                    self.close();
                     return;
                 }
             };
@@ -157,39 +182,45 @@ impl AttachHub {
         }
     }
 
+    /// Starts the client's reader, then lets it receive output.
     fn add_client(self: &Arc<Self>, stream: UnixStream) -> Result<()> {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let reader = stream
             .try_clone()
             .map_err(|e| Error::io("attach client", e))?;
-        {
-            let mut clients = lock(&self.clients);
-            if self.closed.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            clients.push(Client { id, stream });
+        let client = Arc::new(Client {
+            id,
+            stream,
+            writing: Mutex::new(()),
+        });
+        let mut clients = lock(&self.clients);
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
         }
         let hub = Arc::clone(self);
         thread::Builder::new()
             .name("attach-client".into())
             .stack_size(THREAD_STACK)
             .spawn(move || hub.serve_client(id, reader))
-            .map(drop)
-            .map_err(|e| Error::io("start an attach client", e))
+            .map_err(|e| Error::io("start an attach client", e))?;
+        clients.push(client);
+        Ok(())
     }
 
-    /// Applies what one client sends until it goes away.
+    /// Applies what one client sends until it goes away. A client that
+    /// opened stdin ends it by leaving, however it leaves.
     fn serve_client(&self, id: u64, mut stream: UnixStream) {
         let mut buf = Vec::new();
+        let mut writes_stdin = false;
         loop {
             match attach::read_frame(&mut stream, &mut buf) {
+                Ok(Some(Kind::OpenStdin)) => writes_stdin = true,
                 Ok(Some(Kind::Stdin)) => {
                     self.stdin.write(&buf);
                 }
                 Ok(Some(Kind::CloseStdin)) => {
-                    if self.stdin_once {
-                        self.stdin.close();
-                    }
+                    writes_stdin = false;
+                    self.end_stdin();
                 }
                 Ok(Some(Kind::Resize)) => self.resize(&buf),
                 Ok(Some(kind)) => {
@@ -202,6 +233,19 @@ impl AttachHub {
                 }
             }
         }
+        if writes_stdin {
+            self.end_stdin();
+        }
+        self.drop_client(id);
+    }
+
+    fn end_stdin(&self) {
+        if self.stdin_once {
+            self.stdin.close();
+        }
+    }
+
+    fn drop_client(&self, id: u64) {
         let mut clients = lock(&self.clients);
         if let Some(pos) = clients.iter().position(|c| c.id == id) {
             let c = clients.swap_remove(pos);
@@ -220,10 +264,16 @@ impl AttachHub {
     }
 }
 
-impl Drop for AttachHub {
-    fn drop(&mut self) {
-        self.close();
-    }
+/// Accept failures that pass: out of descriptors or memory for a moment, a
+/// client gone before it was accepted, a signal.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Interrupted | ErrorKind::ConnectionAborted | ErrorKind::WouldBlock
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Binds the socket through the bundle directory's descriptor: a deep
@@ -313,14 +363,20 @@ mod tests {
             assert_eq!(buf, b"oops");
         }
 
+        attach::write_frame(&mut a, Kind::OpenStdin, b"").unwrap();
         attach::write_frame(&mut a, Kind::Stdin, b"abc").unwrap();
+        let mut got = [0u8; 3];
+        process_stdin.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
         attach::write_frame(&mut b, Kind::Stdin, b"def").unwrap();
+        process_stdin.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"def");
         attach::write_frame(&mut a, Kind::CloseStdin, b"").unwrap();
         // stdin_once: the first client's end is the process's EOF.
-        let mut got = Vec::new();
-        process_stdin.read_to_end(&mut got).unwrap();
-        assert_eq!(got.len(), 6);
-        assert!(got == b"abcdef" || got == b"defabc", "{got:?}");
+        let mut rest = Vec::new();
+        process_stdin.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        hub.close();
     }
 
     #[test]
@@ -329,15 +385,76 @@ mod tests {
         let (stdin, mut process_stdin) = stdin_pipe();
         let hub = AttachHub::listen("c2", root.path(), Arc::clone(&stdin), None, false).unwrap();
         let mut a = connect(root.path());
+        attach::write_frame(&mut a, Kind::OpenStdin, b"").unwrap();
         attach::write_frame(&mut a, Kind::Stdin, b"x").unwrap();
+        let mut got = [0u8; 1];
+        process_stdin.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
         attach::write_frame(&mut a, Kind::CloseStdin, b"").unwrap();
         drop(a);
         let mut b = connect(root.path());
         attach::write_frame(&mut b, Kind::Stdin, b"y").unwrap();
-        let mut got = [0u8; 2];
         process_stdin.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"xy");
-        drop(hub);
+        assert_eq!(&got, b"y");
+        hub.close();
+    }
+
+    #[test]
+    fn with_stdin_once_a_client_that_vanishes_ends_stdin() {
+        let root = tempfile::tempdir().unwrap();
+        let (stdin, mut process_stdin) = stdin_pipe();
+        let hub = AttachHub::listen("c5", root.path(), stdin, None, true).unwrap();
+        // Output only: leaving ends nothing.
+        let watcher = connect(root.path());
+        wait_clients(&hub, 1);
+        drop(watcher);
+        wait_clients(&hub, 0);
+        let mut writer = connect(root.path());
+        attach::write_frame(&mut writer, Kind::OpenStdin, b"").unwrap();
+        attach::write_frame(&mut writer, Kind::Stdin, b"z").unwrap();
+        let mut got = [0u8; 1];
+        process_stdin.read_exact(&mut got).unwrap();
+        // Gone without a word (a crashed corrald): its stdin ends all the same.
+        drop(writer);
+        let mut rest = Vec::new();
+        process_stdin.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        hub.close();
+    }
+
+    #[test]
+    fn closing_frees_a_copier_blocked_on_a_client_and_a_blocked_stdin_writer() {
+        let root = tempfile::tempdir().unwrap();
+        let (stdin, _process_stdin) = stdin_pipe();
+        let hub = AttachHub::listen("c6", root.path(), Arc::clone(&stdin), None, false).unwrap();
+        let _slow = connect(root.path());
+        wait_clients(&hub, 1);
+        let (done_tx, done_rx) = mpsc::channel();
+        let copier_hub = Arc::clone(&hub);
+        let done = done_tx.clone();
+        thread::spawn(move || {
+            let chunk = vec![1u8; 64 * 1024];
+            for _ in 0..128 {
+                copier_hub.broadcast(Kind::Stdout, &chunk);
+            }
+            let _ = done.send("copier");
+        });
+        // A process that never reads its stdin: the writer waits for room.
+        let writer_port = Arc::clone(&stdin);
+        thread::spawn(move || {
+            let ok = writer_port.write(&vec![2u8; 1 << 20]);
+            let _ = done_tx.send(if ok { "wrote" } else { "writer" });
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err());
+        // Neither close waits for them, and both give up.
+        hub.close();
+        stdin.close();
+        let mut ended = [
+            done_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            done_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        ];
+        ended.sort();
+        assert_eq!(ended, ["copier", "writer"]);
     }
 
     #[test]
@@ -371,6 +488,7 @@ mod tests {
         done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         copier.join().unwrap();
         assert_eq!(total, 128 * 64 * 1024);
+        hub.close();
     }
 
     #[test]

@@ -531,11 +531,11 @@ impl Inner {
                 (
                     id.clone(),
                     p.exec_id.clone(),
-                    p.io.as_ref().map(|io| io.drain_waiter()),
+                    p.io.as_ref().map(|io| (io.drain_waiter(), io.attach_hub())),
                 )
             })
         });
-        let Some((id, exec_id, drain)) = found else {
+        let Some((id, exec_id, io)) = found else {
             return false;
         };
         let inner = Arc::clone(self);
@@ -543,8 +543,13 @@ impl Inner {
             .name("exit".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                if let Some(drain) = drain {
+                if let Some((drain, attach)) = io {
                     drain.wait(DRAIN_TIMEOUT);
+                    // Attached clients learn of the end now, even if a
+                    // process that outlived the container holds the output.
+                    if let Some(hub) = attach {
+                        hub.close();
+                    }
                 }
                 inner.mark_stopped(&id, &exec_id, exit);
             });

@@ -17,7 +17,10 @@ use std::{
     },
     path::{Path, PathBuf},
     process::Stdio,
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Condvar, Mutex,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -200,57 +203,130 @@ enum StdinTarget {
     Console(Arc<File>),
 }
 
+impl StdinTarget {
+    fn file(&self) -> &File {
+        match self {
+            StdinTarget::Pipe(f) => f,
+            StdinTarget::Console(f) => f,
+        }
+    }
+
+    /// The most written at once once the target has room: a pipe takes
+    /// PIPE_BUF bytes whole when it polls writable; a terminal's room may
+    /// be smaller, so it gets small pieces.
+    fn chunk(&self) -> usize {
+        match self {
+            StdinTarget::Pipe(_) => libc::PIPE_BUF,
+            StdinTarget::Console(_) => 256,
+        }
+    }
+}
+
 /// The process's stdin as the shim writes it, shared by the FIFO copier
-/// and attached clients; closed at most once.
+/// and attached clients.
+///
+/// Writers never block holding a lock: each waits for room in short polls
+/// and gives up once the port is closed, so closing stdin (CloseIO, Delete,
+/// `stdin_once`) never waits for a process that does not read it.
 #[derive(Default)]
-pub struct StdinPort(Mutex<Option<StdinTarget>>);
+pub struct StdinPort {
+    target: Mutex<Option<Arc<StdinTarget>>>,
+    closed: AtomicBool,
+}
 
 impl StdinPort {
     fn set(&self, target: StdinTarget) {
-        *lock(&self.0) = Some(target);
+        *lock(&self.target) = Some(Arc::new(target));
     }
 
     /// Writes all of `data`; false once stdin is closed or broken.
-    pub fn write(&self, data: &[u8]) -> bool {
-        let mut guard = lock(&self.0);
-        let written = match guard.as_mut() {
-            Some(StdinTarget::Pipe(p)) => p.write_all(data),
-            Some(StdinTarget::Console(c)) => (&**c).write_all(data),
-            None => return false,
+    pub fn write(&self, mut data: &[u8]) -> bool {
+        let Some(target) = lock(&self.target).clone() else {
+            return false;
         };
-        written.is_ok()
+        while !data.is_empty() {
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            match wait_writable(target.file(), STDIN_POLL) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(_) => return false,
+            }
+            let piece = &data[..data.len().min(target.chunk())];
+            match target.file().write(piece) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
-    /// The process reads EOF. With a terminal, the EOF character is sent
-    /// instead, since the pty stays open for output.
+    /// The process reads EOF (once any write under way gives up). With a
+    /// terminal, the EOF character is sent instead, if the terminal has
+    /// room, since the pty stays open for output.
     pub fn close(&self) {
-        match lock(&self.0).take() {
-            Some(StdinTarget::Console(master)) => {
-                let _ = (&*master).write_all(&[4]);
+        self.closed.store(true, Ordering::Release);
+        if let Some(target) = lock(&self.target).take() {
+            if let StdinTarget::Console(master) = &*target {
+                if let Ok(true) = wait_writable(master, Duration::ZERO) {
+                    let _ = (&**master).write(&[4]);
+                }
             }
-            Some(StdinTarget::Pipe(pipe)) => drop(pipe),
-            None => {}
         }
     }
 
     /// The FIFO's client closed it: a pipe reads EOF; a terminal stays open
     /// (its output still flows) until CloseIO.
     fn input_ended(&self) {
-        let mut guard = lock(&self.0);
-        if matches!(guard.as_ref(), Some(StdinTarget::Pipe(_))) {
-            guard.take();
+        let is_pipe = matches!(lock(&self.target).as_deref(), Some(StdinTarget::Pipe(_)));
+        if is_pipe {
+            self.forget();
         }
     }
 
     fn forget(&self) {
-        lock(&self.0).take();
+        self.closed.store(true, Ordering::Release);
+        lock(&self.target).take();
     }
 
     /// A port writing into `pipe`, for tests of its users.
     #[cfg(test)]
     pub fn pipe(pipe: File) -> StdinPort {
-        StdinPort(Mutex::new(Some(StdinTarget::Pipe(pipe))))
+        let port = StdinPort::default();
+        port.set(StdinTarget::Pipe(pipe));
+        port
     }
+}
+
+/// How long a stdin writer waits for room before looking at `closed`.
+const STDIN_POLL: Duration = Duration::from_millis(100);
+
+/// Whether `file` has room for a write within `timeout`; an error for a
+/// file that never will (its reader is gone).
+fn wait_writable(file: &File, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd, which lives for the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(e),
+        };
+    }
+    if pfd.revents & libc::POLLOUT != 0 {
+        return Ok(true);
+    }
+    if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+    }
+    Ok(false)
 }
 
 /// Sets a terminal's size.
@@ -441,6 +517,12 @@ impl ProcessIo {
         DrainWaiter(Arc::clone(&self.drain))
     }
 
+    /// The attach socket, to close once the exit is recorded: a process
+    /// that outlived the container may hold the output open forever.
+    pub fn attach_hub(&self) -> Option<Arc<AttachHub>> {
+        self.attach.clone()
+    }
+
     pub fn resize(&self, width: u32, height: u32) -> Result<()> {
         let console = self
             .console
@@ -466,10 +548,10 @@ impl Drop for ProcessIo {
     /// Unblocks copier threads still waiting in `open` for the other side of
     /// a FIFO that never came, so no thread outlives its process.
     fn drop(&mut self) {
-        self.stdin.forget();
         if let Some(hub) = &self.attach {
             hub.close();
         }
+        self.stdin.forget();
         if let Some(fifo) = &self.stdin_fifo {
             let _ = OpenOptions::new()
                 .write(true)
@@ -629,8 +711,9 @@ fn copy_stdin(fifo: &Path, target: &StdinPort) {
     target.input_ended();
 }
 
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
+/// At most 12 characters of `id`, for thread names.
+pub fn short(id: &str) -> String {
+    id.chars().take(12).collect()
 }
 
 /// The socket on which runc sends the pty master of a terminal process.

@@ -123,8 +123,9 @@ impl StreamingServer {
     }
 
     /// Validates an Attach and returns the URL that runs it, once. Attach
-    /// goes through the attach socket of corral's shim: containers of
-    /// another shim (a RuntimeClass handler) are refused as unimplemented.
+    /// goes through the attach socket of corral's shim, or, for another
+    /// shim's container, the FIFOs corrald copies (which a container
+    /// without a log path does not have: refused as unimplemented).
     pub fn attach_url(&self, req: cri::AttachRequest) -> Result<String, StreamingError> {
         validate_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
         let node = self.node()?;
@@ -146,10 +147,12 @@ impl StreamingServer {
             .record()
             .runtime_handler
             .clone();
-        if !crate::container::shim_writes_log(&node, &handler) {
+        if !crate::container::shim_writes_log(&node, &handler)
+            && node.copiers.attach(&container.id).is_none()
+        {
             return Err(StreamingError::Unimplemented(format!(
-                "Attach to container {}: runtime handler {handler:?} does not use corral's \
-                 shim, and only corral's shim serves attach",
+                "Attach to container {}: its shim (runtime handler {handler:?}) is not \
+                 corral's and it has no log path, so corrald holds none of its stdio",
                 container.id
             )));
         }
