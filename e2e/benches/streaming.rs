@@ -1,6 +1,6 @@
 //! The streaming server's cost: an exec of `true` through it (Exec RPC,
 //! HTTP upgrade to SPDY, the exec, its exit status) next to ExecSync, and
-//! one port-forward connection moving 256 MiB into a pod next to raw
+//! one port-forward connection moving 256 MiB into a pod (median of 5) next to raw
 //! loopback TCP.
 //!
 //! A plain program (`harness = false`) printing median and p95 of each
@@ -30,6 +30,8 @@ const SMOKE_RUNS: usize = 3;
 const SMOKE_MIB: usize = 8;
 const WARMUP: usize = 2;
 const SINK_PORT: u16 = 9000;
+/// Port-forward transfers (each next to a raw one) the medians come from.
+const TRANSFERS: usize = 5;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 type Result<T> = std::result::Result<T, String>;
@@ -114,13 +116,21 @@ async fn run(runs: usize, mib: usize) -> Result<()> {
         ratio(streamed.median, sync.median)
     );
 
+    // One transfer is at the mercy of the scheduler on a small machine:
+    // several, alternating with the raw baseline, and the medians.
     let bytes = mib << 20;
-    let forwarded = tokio::time::timeout(TIMEOUT, forward_bytes(&node, &pod, bytes))
-        .await
-        .map_err(|_| "port-forward transfer timed out".to_string())??;
-    let raw = loopback_bytes(bytes).await?;
+    let (mut forwarded, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..TRANSFERS {
+        let took = tokio::time::timeout(TIMEOUT, forward_bytes(&node, &pod, bytes))
+            .await
+            .map_err(|_| "port-forward transfer timed out".to_string())??;
+        forwarded.push(took);
+        raw.push(loopback_bytes(bytes).await?);
+    }
+    let forwarded = Stats::of(forwarded).map_err(|e| e.to_string())?.median;
+    let raw = Stats::of(raw).map_err(|e| e.to_string())?.median;
     let rate = |d: Duration| (bytes as f64 / (1 << 20) as f64) / d.as_secs_f64();
-    println!("{mib} MiB into the pod");
+    println!("{mib} MiB into the pod, median of {TRANSFERS} transfers");
     println!("  one port-forward stream  {:8.1} MiB/s", rate(forwarded));
     println!("  raw loopback TCP         {:8.1} MiB/s", rate(raw));
     println!("  ratio port-forward/raw   {:7.3}", ratio(raw, forwarded));
