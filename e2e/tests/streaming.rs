@@ -775,3 +775,26 @@ async fn attach_to_another_shims_container() {
     // without ending its stdin.
     terminal_attaches(&node, &pod, (77, 21), false).await;
 }
+
+#[tokio::test]
+async fn attach_after_corrald_was_killed() {
+    // The shim keeps its attach socket; for another shim's container the
+    // next corrald reopens the stdin FIFO and resumes the copy.
+    let mut node = node().await;
+    let cmd = ["sh", "-c", "while read l; do echo \"got $l\"; done"];
+    let mut readers = Vec::new();
+    for (name, handler) in [
+        ("stream-restart", ""),
+        ("stream-restart-v2", RUNC_V2_HANDLER),
+    ] {
+        let pod = node.run_pod_on(name, handler).await.unwrap();
+        readers.push(stdin_container(&node, &pod, "reader", &cmd, false, false).await);
+    }
+    node.kill_daemon().unwrap();
+    node.restart_daemon().await.unwrap();
+    for reader in &readers {
+        let (_conn, stdin, mut stdout, _) = attach_stdin(&node, reader, false).await;
+        stdin.write(b"after\n").await.unwrap();
+        read_until(&mut stdout, "got after").await;
+    }
+}
