@@ -436,6 +436,9 @@ fn validate(config: &cri::PodSandboxConfig) -> Result<cri::PodSandboxMetadata> {
             )));
         }
     }
+    // Checked here, not only in the pause's spec: a refused sysctl must not
+    // cost a network set up and torn down again.
+    spec::validate_pod_sysctls(config)?;
     if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
         return Err(Error::InvalidArgument(format!(
             "pod log_directory {:?} is not an absolute path",
@@ -576,9 +579,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn metadata_fields_are_required() {
-        let mut config = cri::PodSandboxConfig {
+    /// A config with complete metadata and nothing else.
+    fn named_pod() -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: "a".into(),
                 namespace: "b".into(),
@@ -586,11 +589,34 @@ mod tests {
                 attempt: 0,
             }),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn metadata_fields_are_required() {
+        let mut config = named_pod();
         assert!(validate(&config).is_ok());
         config.metadata.as_mut().unwrap().uid.clear();
         assert!(matches!(validate(&config), Err(Error::InvalidArgument(m)) if m.contains("uid")));
         config.metadata = None;
         assert!(validate(&config).is_err());
+    }
+
+    #[test]
+    fn a_node_wide_sysctl_is_refused_before_anything_is_made() {
+        let mut config = cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            ..named_pod()
+        };
+        let sysctls = &mut config.linux.as_mut().unwrap().sysctls;
+        sysctls.insert("kernel.shm_rmid_forced".into(), "1".into());
+        assert!(validate(&config).is_ok());
+        let sysctls = &mut config.linux.as_mut().unwrap().sysctls;
+        sysctls.insert("vm.swappiness".into(), "10".into());
+        let err = validate(&config).unwrap_err();
+        assert!(
+            matches!(&err, Error::Spec(spec::SpecError::InvalidArgument(m)) if m.contains("vm.swappiness")),
+            "{err}"
+        );
     }
 }

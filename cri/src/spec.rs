@@ -1416,9 +1416,38 @@ fn container_namespaces(
     Ok(namespaces)
 }
 
+/// Checks the pod's sysctls against its namespaces, for RunPodSandbox to
+/// refuse a pod before it makes its network; [`sandbox_spec`] checks again.
+pub fn validate_pod_sysctls(config: &cri::PodSandboxConfig) -> Result<(), SpecError> {
+    let Some(linux) = config.linux.as_ref() else {
+        return Ok(());
+    };
+    let options = linux
+        .security_context
+        .as_ref()
+        .and_then(|c| c.namespace_options.as_ref());
+    validate_sysctls(&linux.sysctls, PodNamespaces::of(options)?).map(|_| ())
+}
+
+/// The IPC namespace's sysctls outside `fs.mqueue.`: the list runc accepts
+/// (any other `kernel.` name would reach runc only to be refused there).
+const IPC_SYSCTLS: [&str; 8] = [
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
 /// Sysctls go on the pause: containers see them by joining its namespaces.
-/// A sysctl of a namespace the pod shares with the host would change the
-/// node, so it is refused.
+/// A sysctl that no namespace of the pod holds (`vm.*`, `kernel.pid_max`),
+/// or one of a namespace the pod shares with the host, would change the
+/// node, so it is refused here, by name, before anything of the pod is
+/// made: runc refuses the same ones, but only once the network is up and
+/// with an error that reads as the node's failure, not the pod's.
 fn validate_sysctls(
     sysctls: &HashMap<String, String>,
     pod: PodNamespaces,
@@ -1432,16 +1461,25 @@ fn validate_sysctls(
             return Err(invalid(format!("sysctl {name:?} is not a valid name")));
         }
         let dotted = name.replace('/', ".");
-        let uts = dotted == "kernel.hostname" || dotted == "kernel.domainname";
-        if pod.host_network && (dotted.starts_with("net.") || uts) {
+        if dotted == "kernel.hostname" {
+            // runc refuses it too: the spec's hostname is where it goes.
+            return Err(invalid(format!(
+                "sysctl {name:?} cannot be set: the pod's hostname field sets it"
+            )));
+        }
+        let uts = dotted == "kernel.domainname";
+        let net = dotted.starts_with("net.");
+        let ipc = IPC_SYSCTLS.contains(&dotted.as_str()) || dotted.starts_with("fs.mqueue.");
+        if !(uts || net || ipc) {
+            return Err(invalid(format!(
+                "sysctl {name:?} is not in a namespace of the pod: setting it would change the node"
+            )));
+        }
+        if pod.host_network && (net || uts) {
             return Err(invalid(format!(
                 "sysctl {name:?} cannot be set in a pod that uses the host's network"
             )));
         }
-        let ipc = dotted.starts_with("kernel.shm")
-            || dotted.starts_with("kernel.msg")
-            || dotted == "kernel.sem"
-            || dotted.starts_with("fs.mqueue.");
         if pod.host_ipc && ipc {
             return Err(invalid(format!(
                 "sysctl {name:?} cannot be set in a pod that uses the host's IPC namespace"
@@ -4031,6 +4069,15 @@ mod tests {
             ("net.ipv4.ip_forward", (Node, Pod), false),
             ("net/ipv4/ip_forward", (Node, Pod), false),
             ("kernel.hostname", (Node, Pod), false),
+            ("kernel.domainname", (Pod, Pod), true),
+            ("kernel.domainname", (Node, Pod), false),
+            // Not in any namespace of a pod: the node's own.
+            ("vm.swappiness", (Pod, Pod), false),
+            ("kernel.pid_max", (Pod, Pod), false),
+            ("fs.file-max", (Pod, Pod), false),
+            ("kernel.shm_next_id", (Pod, Pod), false),
+            // Namespaced, but the OCI hostname is where it belongs.
+            ("kernel.hostname", (Pod, Pod), false),
             ("kernel.shm_rmid_forced", (Pod, Node), false),
             ("kernel.sem", (Pod, Node), false),
             ("fs.mqueue.msg_max", (Pod, Node), false),

@@ -6,6 +6,7 @@
 //! It does not read cgroup files itself: the shim that owns the cgroup does.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use corral_proto::containerd::cgroups_v2::metrics as v2;
 use corral_proto::protobuf::{well_known_types::any::Any, Message};
 use k8s_cri::v1 as cri;
 
+use crate::netns::NetNs;
 use crate::node::{now_ns, Container, Node, Sandbox, TASK_NAMESPACE};
 use crate::store::ContainerState;
 
@@ -244,7 +246,7 @@ pub async fn sandbox_stats(node: &Node, s: &Sandbox) -> cri::PodSandboxStats {
                 usage_nano_cores: value(nano_cores),
             }),
             memory: Some(memory(at, &sample)),
-            network: None,
+            network: network_usage(s, at).await,
             process: Some(cri::ProcessUsage {
                 timestamp: at,
                 process_count: None,
@@ -253,6 +255,97 @@ pub async fn sandbox_stats(node: &Node, s: &Sandbox) -> cri::PodSandboxStats {
         }),
         windows: None,
     }
+}
+
+/// The interface CNI makes in the pod (`CNI_IFNAME`), which kubelet
+/// reports as the pod's network usage, as containerd and CRI-O do.
+const DEFAULT_INTERFACE: &str = "eth0";
+
+/// The counters of one interface in `/proc/net/dev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+/// The interfaces of a `/proc/net/dev` text, `lo` left out (kubelet sums
+/// the pod's interfaces; loopback traffic never leaves the pod). Lines that
+/// do not parse are skipped: the file is the kernel's, but a format change
+/// must not take the pod's other figures with it.
+pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let name = name.trim();
+            let fields: Vec<u64> = counters
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            // 8 receive columns (bytes packets errs drop fifo frame
+            // compressed multicast), then 8 transmit ones.
+            if name.is_empty() || name == "lo" || fields.len() < 16 {
+                return None;
+            }
+            Some(InterfaceCounters {
+                name: name.to_string(),
+                rx_bytes: fields[0],
+                rx_errors: fields[2],
+                tx_bytes: fields[8],
+                tx_errors: fields[10],
+            })
+        })
+        .collect()
+}
+
+/// The counters of the pod's interfaces, read in its network namespace.
+fn read_interfaces(netns: PathBuf) -> Result<Vec<InterfaceCounters>, String> {
+    let ns = NetNs::open(netns).map_err(|e| e.to_string())?;
+    // `/proc/thread-self/net` is the calling thread's namespace: the one
+    // `run` entered. `/sys/class/net` would show the daemon's own.
+    let text = ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("read /proc/thread-self/net/dev: {e}"))?;
+    Ok(parse_net_dev(&text))
+}
+
+/// The pod's network usage: `eth0` as the default interface, every other
+/// interface but `lo` listed too. None for a pod on the host's network
+/// (the node's traffic is not the pod's) or when the namespace cannot be
+/// read (stats are best effort; the pod's other figures still count).
+async fn network_usage(s: &Sandbox, at: i64) -> Option<cri::NetworkUsage> {
+    let netns = s.snapshot().netns?;
+    let read = tokio::task::spawn_blocking(move || read_interfaces(netns)).await;
+    let interfaces = match read {
+        Ok(Ok(interfaces)) => interfaces,
+        Ok(Err(e)) => {
+            tracing::debug!(sandbox = %s.id, error = %e, "no network stats");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(sandbox = %s.id, error = %e, "network stats task failed");
+            return None;
+        }
+    };
+    let usage = |i: &InterfaceCounters| cri::NetworkInterfaceUsage {
+        name: i.name.clone(),
+        rx_bytes: value(i.rx_bytes),
+        rx_errors: value(i.rx_errors),
+        tx_bytes: value(i.tx_bytes),
+        tx_errors: value(i.tx_errors),
+    };
+    Some(cri::NetworkUsage {
+        timestamp: at,
+        default_interface: interfaces
+            .iter()
+            .find(|i| i.name == DEFAULT_INTERFACE)
+            .map(usage),
+        interfaces: interfaces.iter().map(usage).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -321,5 +414,50 @@ mod tests {
         );
         // A counter that went backwards (a new task) gives no rate.
         assert_eq!(rates.rate("c", 3_000_000_000, 1), None);
+    }
+
+    #[test]
+    fn net_dev_gives_each_interface_but_lo() {
+        let text = "\
+Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     560       8    0    0    0     0          0         0      560       8    0    0    0     0       0          0
+  eth0:    1502      17    3    0    0     0          0         0      906       9    4    0    0     0       0          0
+ net1: 7 1 0 0 0 0 0 0 8 1 0 0 0 0 0 0
+ bad: 1 2 x
+";
+        let interfaces = parse_net_dev(text);
+        assert_eq!(
+            interfaces,
+            [
+                InterfaceCounters {
+                    name: "eth0".into(),
+                    rx_bytes: 1502,
+                    rx_errors: 3,
+                    tx_bytes: 906,
+                    tx_errors: 4,
+                },
+                InterfaceCounters {
+                    name: "net1".into(),
+                    rx_bytes: 7,
+                    rx_errors: 0,
+                    tx_bytes: 8,
+                    tx_errors: 0,
+                },
+            ]
+        );
+        assert!(parse_net_dev("").is_empty());
+    }
+
+    #[test]
+    fn a_pods_namespace_is_read_not_the_daemons() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = NetNs::create(dir.path(), "stats").unwrap();
+        let read = read_interfaces(ns.path().to_path_buf());
+        ns.remove().unwrap();
+        // A fresh namespace has only `lo`, which is left out; the daemon's
+        // own namespace would show its interfaces.
+        assert_eq!(read.unwrap(), []);
+        assert!(read_interfaces(dir.path().join("missing")).is_err());
     }
 }
