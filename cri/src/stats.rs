@@ -19,7 +19,7 @@ use k8s_cri::v1 as cri;
 
 use crate::netns::NetNs;
 use crate::node::{now_ns, Container, Node, Sandbox, TASK_NAMESPACE};
-use crate::store::ContainerState;
+use crate::store::{ContainerState, SandboxState};
 
 /// What one cgroup sample says, in CRI's units.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct Sample {
     pub rss: u64,
     pub page_faults: u64,
     pub major_page_faults: u64,
+    /// Processes and threads in the cgroup (`pids.current`).
+    pub processes: u64,
 }
 
 /// Decodes the shim's metrics (`io.containerd.cgroups.v1.Metrics` or `.v2.`).
@@ -50,6 +52,7 @@ pub fn decode(any: &Any) -> Option<Sample> {
             rss: mem.total_rss,
             page_faults: mem.total_pg_fault,
             major_page_faults: mem.total_pg_maj_fault,
+            processes: m.pids.current,
         })
     } else if any.type_url.ends_with("cgroups.v2.Metrics") {
         let m = v2::Metrics::parse_from_bytes(&any.value).ok()?;
@@ -61,6 +64,7 @@ pub fn decode(any: &Any) -> Option<Sample> {
             rss: mem.anon,
             page_faults: mem.pgfault,
             major_page_faults: mem.pgmajfault,
+            processes: m.pids.current,
         })
     } else {
         None
@@ -152,6 +156,11 @@ fn value(v: u64) -> Option<cri::UInt64Value> {
 /// reports zero usage with current timestamps, as kubelet expects of
 /// containers that are created or exited.
 pub async fn container_stats(node: &Node, c: &Container) -> cri::ContainerStats {
+    sampled_container_stats(node, c).await.0
+}
+
+/// ContainerStats, and the sample they came from.
+async fn sampled_container_stats(node: &Node, c: &Container) -> (cri::ContainerStats, Sample) {
     let at = now_ns();
     let running = c.record().state == ContainerState::Running;
     let sample = if running {
@@ -168,7 +177,7 @@ pub async fn container_stats(node: &Node, c: &Container) -> cri::ContainerStats 
     let sample = sample.unwrap_or_default();
     let nano_cores = node.cpu_rates.rate(&c.id, at, sample.cpu_ns);
     let writable = layer_usage(node, c).await;
-    cri::ContainerStats {
+    let stats = cri::ContainerStats {
         attributes: Some(cri::ContainerAttributes {
             id: c.id.clone(),
             metadata: c.config.metadata.clone(),
@@ -190,7 +199,8 @@ pub async fn container_stats(node: &Node, c: &Container) -> cri::ContainerStats 
             inodes_used: value(writable.inodes),
         }),
         swap: None,
-    }
+    };
+    (stats, sample)
 }
 
 fn memory(at: i64, s: &Sample) -> cri::MemoryUsage {
@@ -206,12 +216,16 @@ fn memory(at: i64, s: &Sample) -> cri::MemoryUsage {
 }
 
 /// PodSandboxStats: the pod's containers, and their sum as the pod's usage
-/// (the pause process's own is negligible and not sampled).
+/// (the pause process's own is negligible and not sampled, but it counts
+/// as one process, as containerd counts the sandbox task's).
 pub async fn sandbox_stats(node: &Node, s: &Sandbox) -> cri::PodSandboxStats {
     let at = now_ns();
     let mut containers = Vec::new();
+    let mut processes = u64::from(s.record().state == SandboxState::Ready);
     for c in node.containers_of(&s.id) {
-        containers.push(container_stats(node, &c).await);
+        let (stats, sample) = sampled_container_stats(node, &c).await;
+        processes += sample.processes;
+        containers.push(stats);
     }
     let sum = |f: fn(&cri::ContainerStats) -> Option<u64>| -> u64 {
         containers.iter().filter_map(f).sum()
@@ -231,6 +245,7 @@ pub async fn sandbox_stats(node: &Node, s: &Sandbox) -> cri::PodSandboxStats {
         rss: mem(|m| m.rss_bytes.as_ref()),
         page_faults: mem(|m| m.page_faults.as_ref()),
         major_page_faults: mem(|m| m.major_page_faults.as_ref()),
+        processes,
     };
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
@@ -249,7 +264,7 @@ pub async fn sandbox_stats(node: &Node, s: &Sandbox) -> cri::PodSandboxStats {
             network: network_usage(s, at).await,
             process: Some(cri::ProcessUsage {
                 timestamp: at,
-                process_count: None,
+                process_count: value(sample.processes),
             }),
             containers,
         }),
@@ -359,6 +374,7 @@ mod tests {
         m.mut_memory().mut_usage().usage = 10_000;
         m.mut_memory().total_inactive_file = 4_000;
         m.mut_memory().total_rss = 3_000;
+        m.mut_pids().current = 4;
         let any = Any {
             type_url: "io.containerd.cgroups.v1.Metrics".into(),
             value: m.write_to_bytes().unwrap(),
@@ -368,6 +384,7 @@ mod tests {
         assert_eq!(s.cpu_ns, 5_000);
         assert_eq!(s.working_set, 6_000);
         assert_eq!(s.rss, 3_000);
+        assert_eq!(s.processes, 4);
     }
 
     #[test]
@@ -376,6 +393,7 @@ mod tests {
         m.mut_cpu().usage_usec = 7;
         m.mut_memory().usage = 100;
         m.mut_memory().inactive_file = 30;
+        m.mut_pids().current = 2;
         let any = Any {
             type_url: "io.containerd.cgroups.v2.Metrics".into(),
             value: m.write_to_bytes().unwrap(),
@@ -384,6 +402,7 @@ mod tests {
         let s = decode(&any).unwrap();
         assert_eq!(s.cpu_ns, 7_000);
         assert_eq!(s.working_set, 70);
+        assert_eq!(s.processes, 2);
         assert!(decode(&Any::default()).is_none());
     }
 

@@ -691,6 +691,13 @@ async fn pod_and_container_stats() {
         );
     };
     let linux = moved.linux.expect("linux stats");
+    // The pause, `sh` and `sleep`: kubelet reports this as the pod's
+    // process count.
+    let processes = linux
+        .process
+        .as_ref()
+        .and_then(|p| p.process_count.as_ref());
+    assert_eq!(processes.map(|c| c.value), Some(3), "{:?}", linux.process);
     let memory = linux.memory.expect("memory");
     assert!(memory.timestamp > 0);
     assert!(
