@@ -33,6 +33,7 @@ use crate::deadline::take_grpc_timeout;
 use crate::error::{Error, Result};
 use crate::image_service::CriImageService;
 use crate::lifecycle;
+use crate::metrics::{MetricsLayer, MetricsServer, Registry};
 use crate::node::Node;
 use crate::pause;
 use crate::runtime_service::CriRuntimeService;
@@ -77,6 +78,21 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
     )
     .await?;
     tracing::info!(address = %streaming.address(), "streaming server for exec, attach and port-forward");
+    // Recorded whether or not served: the layer costs a few atomics, and
+    // one server stack either way keeps the two configurations alike.
+    let registry = Arc::new(Registry::new());
+    let metrics = if config.metrics.address.is_empty() {
+        None
+    } else {
+        Some(
+            MetricsServer::start(
+                &config.metrics.address,
+                registry.clone(),
+                Arc::downgrade(&node),
+            )
+            .await?,
+        )
+    };
     let runtime = CriRuntimeService::new(config.clone())?.with_node(node.clone(), streaming);
     let images = CriImageService::new(store);
     let (listener, socket) = CriSocket::bind(&config.socket).await?;
@@ -89,6 +105,7 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .layer(tower::util::MapRequestLayer::new(take_grpc_timeout))
+        .layer(MetricsLayer::new(registry))
         .add_service(RuntimeServiceServer::new(runtime))
         .add_service(ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
@@ -124,6 +141,9 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
         }
     }
     socket.remove();
+    // Scrapes stop with the CRI socket: a stopped daemon has nothing to
+    // report.
+    drop(metrics);
     // The shims stay: pods keep running while no daemon does.
     node.tasks.shutdown().await;
     tracing::info!("corrald stopped");
@@ -133,12 +153,6 @@ pub async fn run(config: Arc<Config>) -> Result<()> {
 /// The task service re-attached to the shims an earlier daemon left, and
 /// the pods and containers recovered from the metadata store.
 async fn start_node(config: &Arc<Config>, images: ImageStore) -> Result<Arc<Node>> {
-    if !config.metrics.address.is_empty() {
-        tracing::warn!(
-            address = %config.metrics.address,
-            "metrics.address is set, but this corrald serves no Prometheus metrics yet"
-        );
-    }
     let pause_rootfs = pause::install_rootfs(&config.root.join("pause"))?;
     let handlers = config.handlers()?;
     let tasks = TaskService::start(TaskServiceConfig {

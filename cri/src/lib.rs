@@ -20,6 +20,7 @@ pub mod deadline;
 pub mod error;
 pub mod image_service;
 pub mod lifecycle;
+pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod pause;
