@@ -422,13 +422,7 @@ pub async fn exec_sync(
     cmd: Vec<String>,
     timeout: i64,
 ) -> Result<cri::ExecSyncResponse> {
-    let container = node.container(query)?;
-    if container.record().state != ContainerState::Running {
-        return Err(Error::FailedPrecondition(format!(
-            "container {} is not running",
-            container.id
-        )));
-    }
+    let container = node.running_container(query)?;
     if cmd.is_empty() {
         return Err(Error::InvalidArgument("ExecSync cmd is empty".into()));
     }
@@ -577,13 +571,7 @@ pub async fn update_resources(
 /// ReopenContainerLog: the shim closes the log file and opens it again at
 /// its path (kubelet has renamed the old one).
 pub async fn reopen_log(node: &Node, query: &str) -> Result<()> {
-    let container = node.container(query)?;
-    if container.record().state != ContainerState::Running {
-        return Err(Error::FailedPrecondition(format!(
-            "container {} is not running",
-            container.id
-        )));
-    }
+    let container = node.running_container(query)?;
     if node.copiers.reopen(&container.id)? {
         return Ok(());
     }

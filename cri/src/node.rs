@@ -242,6 +242,19 @@ impl Node {
         find(&index.containers, query, "container")
     }
 
+    /// [`Node::container`], refused as FailedPrecondition unless it runs:
+    /// what exec, attach and log reopening need.
+    pub fn running_container(&self, query: &str) -> Result<Arc<Container>> {
+        let container = self.container(query)?;
+        if container.record().state != crate::store::ContainerState::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                container.id
+            )));
+        }
+        Ok(container)
+    }
+
     /// Like [`Node::sandbox`], with `None` for an id nothing matches.
     pub fn find_sandbox(&self, query: &str) -> Result<Option<Arc<Sandbox>>> {
         optional(self.sandbox(query))

@@ -511,6 +511,9 @@ pub async fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
+/// How long busybox httpd gets to listen.
+const HTTPD_WAIT: Duration = Duration::from_secs(30);
+
 /// The runtime handler every [`PodNode`] has besides the default (corral's
 /// shim): Debian's `containerd-shim-runc-v2`, whose containers' output
 /// corrald copies itself.
@@ -780,10 +783,8 @@ impl PodNode {
         let request = api::StartContainerRequest {
             container_id: container.to_string(),
         };
-        let result = within("StartContainer", client.runtime.start_container(request)).await?;
-        result
-            .map(|_| ())
-            .map_err(|s| self.rpc_error("StartContainer", s))
+        self.done("StartContainer", client.runtime.start_container(request))
+            .await
     }
 
     /// CreateContainer and StartContainer of `cmd` in `pod`.
@@ -795,6 +796,52 @@ impl PodNode {
         Ok(id)
     }
 
+    /// Runs busybox httpd serving `token` on port 80 in `pod` and waits
+    /// until it listens; the container's id.
+    pub async fn run_http_server(&self, pod: &str, token: &str) -> Result<String> {
+        let script = format!(
+            "mkdir -p /www && echo {token} > /www/index.html && exec httpd -f -p 80 -h /www"
+        );
+        let id = self
+            .run_container(pod, "web", &["sh", "-c", &script])
+            .await?;
+        let pid = self.container_pid(&id).await?;
+        // Listening once its namespace's TCP table has port 80 (0050) in
+        // state LISTEN (0A); busybox httpd listens on IPv6's any address
+        // when it can.
+        let listening = poll(HTTPD_WAIT, || {
+            ["tcp", "tcp6"]
+                .iter()
+                .filter_map(|t| fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+                .any(|t| {
+                    t.lines()
+                        .any(|l| l.contains(":0050 ") && l.contains(" 0A "))
+                })
+                .then_some(())
+        })
+        .await;
+        if listening.is_none() {
+            let log = self.read_log(&id).await.unwrap_or_default();
+            return Err(Error::Timeout(format!(
+                "httpd in {pod} does not listen on :80; its log: {log:?}"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Awaits an RPC whose answer is only success, within the fixture's
+    /// timeout; a failure carries corrald's log.
+    async fn done<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    ) -> Result<()> {
+        within(what, call)
+            .await?
+            .map(drop)
+            .map_err(|s| self.rpc_error(what, s))
+    }
+
     /// StopContainer with `timeout` seconds of grace.
     pub async fn stop(&self, container: &str, timeout: i64) -> Result<()> {
         let mut client = self.client();
@@ -802,10 +849,8 @@ impl PodNode {
             container_id: container.to_string(),
             timeout,
         };
-        let result = within("StopContainer", client.runtime.stop_container(request)).await?;
-        result
-            .map(|_| ())
-            .map_err(|s| self.rpc_error("StopContainer", s))
+        self.done("StopContainer", client.runtime.stop_container(request))
+            .await
     }
 
     /// RemoveContainer.
@@ -814,10 +859,8 @@ impl PodNode {
         let request = api::RemoveContainerRequest {
             container_id: container.to_string(),
         };
-        let result = within("RemoveContainer", client.runtime.remove_container(request)).await?;
-        result
-            .map(|_| ())
-            .map_err(|s| self.rpc_error("RemoveContainer", s))
+        self.done("RemoveContainer", client.runtime.remove_container(request))
+            .await
     }
 
     /// StopPodSandbox.
@@ -826,10 +869,8 @@ impl PodNode {
         let request = api::StopPodSandboxRequest {
             pod_sandbox_id: pod.to_string(),
         };
-        let result = within("StopPodSandbox", client.runtime.stop_pod_sandbox(request)).await?;
-        result
-            .map(|_| ())
-            .map_err(|s| self.rpc_error("StopPodSandbox", s))
+        self.done("StopPodSandbox", client.runtime.stop_pod_sandbox(request))
+            .await
     }
 
     /// RemovePodSandbox.
@@ -838,14 +879,11 @@ impl PodNode {
         let request = api::RemovePodSandboxRequest {
             pod_sandbox_id: pod.to_string(),
         };
-        let result = within(
+        self.done(
             "RemovePodSandbox",
             client.runtime.remove_pod_sandbox(request),
         )
-        .await?;
-        result
-            .map(|_| ())
-            .map_err(|s| self.rpc_error("RemovePodSandbox", s))
+        .await
     }
 
     /// ContainerStatus, verbose: the status and the parsed `info` JSON.

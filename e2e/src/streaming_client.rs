@@ -382,24 +382,7 @@ impl SpdyPortForward {
     /// Opens a connection to `port`, sends `data`, half-closes, and returns
     /// what came back and what the error stream said.
     pub async fn round_trip(&self, port: u16, data: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-        let request = self.next_request.fetch_add(1, Ordering::SeqCst).to_string();
-        let port = port.to_string();
-        let mut error = self
-            .conn
-            .open(&[
-                ("streamType", "error"),
-                ("port", &port),
-                ("requestID", &request),
-            ])
-            .await?;
-        let mut stream = self
-            .conn
-            .open(&[
-                ("streamType", "data"),
-                ("port", &port),
-                ("requestID", &request),
-            ])
-            .await?;
+        let (mut stream, mut error) = self.open(port).await?;
         stream.write(data).await?;
         let (got, failure) = tokio::join!(stream.read_all(), error.read_all());
         Ok((got, failure))

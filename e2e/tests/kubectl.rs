@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use corral_e2e::kube_api::{run_bounded, Input, KubeApi, Kubectl, Output, StreamRecord};
-use corral_e2e::pod::{poll, PodNode};
+use corral_e2e::pod::PodNode;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// The bound on one kubectl run: a hang fails the test.
@@ -309,29 +309,10 @@ async fn exec_in_a_terminal_starts_with_its_size() {
     );
 }
 
-/// A pod serving `token` over HTTP on port 80 with busybox httpd, once it
-/// listens.
+/// A pod serving `token` over HTTP on port 80, once it listens.
 async fn http_pod(node: &PodNode, name: &str, token: &str) -> String {
     let pod = node.run_pod(name).await.unwrap();
-    let script =
-        format!("mkdir -p /www && echo {token} > /www/index.html && exec httpd -f -p 80 -h /www");
-    let id = node
-        .run_container(&pod, "web", &["sh", "-c", &script])
-        .await
-        .unwrap();
-    let pid = node.container_pid(&id).await.unwrap();
-    let listening = poll(WAIT, || {
-        ["tcp", "tcp6"]
-            .iter()
-            .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
-            .any(|t| {
-                t.lines()
-                    .any(|l| l.contains(":0050 ") && l.contains(" 0A "))
-            })
-            .then_some(())
-    })
-    .await;
-    assert!(listening.is_some(), "httpd does not listen");
+    node.run_http_server(&pod, token).await.unwrap();
     pod
 }
 

@@ -325,50 +325,15 @@ async fn exit_codes_and_reasons() {
     }
 }
 
-/// `sh -c` that serves `token` over HTTP on port 80.
-fn http_server(token: &str) -> Vec<String> {
-    vec![
-        "sh".into(),
-        "-c".into(),
-        format!("mkdir -p /www && echo {token} > /www/index.html && exec httpd -f -p 80 -h /www"),
-    ]
-}
-
-async fn run_http_server(node: &PodNode, pod: &str, token: &str) -> String {
-    let cmd = http_server(token);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let id = node
-        .run_container(pod, "web", &cmd)
-        .await
-        .expect("web server");
-    let pid = node.container_pid(&id).await.expect("pid");
-    // Listening once its namespace's TCP table has port 80 (0050) in state
-    // LISTEN (0A); busybox httpd listens on IPv6's any address when it can.
-    let listening = poll(Duration::from_secs(10), || {
-        ["tcp", "tcp6"]
-            .iter()
-            .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
-            .any(|t| {
-                t.lines()
-                    .any(|l| l.contains(":0050 ") && l.contains(" 0A "))
-            })
-            .then_some(())
-    })
-    .await;
-    if listening.is_none() {
-        let log = node.read_log(&id).await.unwrap_or_default();
-        panic!("httpd in {pod} does not listen on :80; its log: {log:?}");
-    }
-    id
-}
-
 #[tokio::test]
 async fn two_pods_reach_each_other() {
     let node = node().await;
     let server_pod = node.run_pod("server").await.expect("server pod");
     let client_pod = node.run_pod("client").await.expect("client pod");
     let token = format!("token-{}", node.cleanup().unique());
-    run_http_server(&node, &server_pod, &token).await;
+    node.run_http_server(&server_pod, &token)
+        .await
+        .expect("web server");
     let client = node
         .run_container(&client_pod, "client", &["sleep", "3600"])
         .await
@@ -451,7 +416,9 @@ async fn host_port_reaches_the_pod() {
     }];
     let pod = node.run_pod_with(config).await.expect("RunPodSandbox");
     let token = format!("port-{}", node.cleanup().unique());
-    run_http_server(&node, &pod, &token).await;
+    node.run_http_server(&pod, &token)
+        .await
+        .expect("web server");
     assert!(
         !node.network().nat_rules().is_empty(),
         "portmap wrote no rules"

@@ -27,7 +27,6 @@ use super::server::Upgraded;
 use super::{Out, StreamingError};
 use crate::container_io::{Chunk, CopiedStdio};
 use crate::node::{Container, Node, TASK_NAMESPACE};
-use crate::store::ContainerState;
 
 /// How long closing a container's stdin in its shim may take.
 const CLOSE_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -48,13 +47,7 @@ async fn run(
     req: &cri::AttachRequest,
     session: &mut Session,
 ) -> Result<Ended, StreamingError> {
-    let container = node.container(&req.container_id)?;
-    if container.record().state != ContainerState::Running {
-        return Err(StreamingError::FailedPrecondition(format!(
-            "container {} is not running",
-            container.id
-        )));
-    }
+    let container = node.running_container(&req.container_id)?;
     let (mut output, mut input) = connect(node, &container).await?;
     if req.stdin {
         input.open_stdin().await?;

@@ -23,7 +23,6 @@ use super::server::{Transport, Upgraded};
 use super::{spdy, websocket, Out, StreamingError, INPUT_QUEUE, READ_CHUNK};
 use crate::container_io::{ExecFifos, ExecPipes};
 use crate::node::{new_id, Node, TASK_NAMESPACE};
-use crate::store::ContainerState;
 
 /// How long a client gets to open every stream it announced.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -290,13 +289,7 @@ async fn run(
     req: &cri::ExecRequest,
     session: &mut Session,
 ) -> Result<Ended, StreamingError> {
-    let container = node.container(&req.container_id)?;
-    if container.record().state != ContainerState::Running {
-        return Err(StreamingError::FailedPrecondition(format!(
-            "container {} is not running",
-            container.id
-        )));
-    }
+    let container = node.running_container(&req.container_id)?;
     let spec = crate::container::container_spec(node, &container).await?;
     let mut process = crate::spec::exec_process(&spec, &req.cmd, req.tty)
         .map_err(|e| StreamingError::InvalidArgument(e.to_string()))?;

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::token::{TokenCache, TOKEN_TTL};
 use super::{attach, portforward, remotecommand, StreamingError};
 use crate::node::Node;
-use crate::store::{ContainerState, SandboxState};
+use crate::store::SandboxState;
 
 /// A client gets this long to send its request head after connecting.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,7 +112,11 @@ impl StreamingServer {
             return Err(StreamingError::InvalidArgument("Exec cmd is empty".into()));
         }
         validate_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
-        let id = self.running_container(&req.container_id)?;
+        let id = self
+            .node()?
+            .running_container(&req.container_id)?
+            .id
+            .clone();
         self.url(
             "exec",
             Pending::Exec(cri::ExecRequest {
@@ -129,13 +133,7 @@ impl StreamingServer {
     pub fn attach_url(&self, req: cri::AttachRequest) -> Result<String, StreamingError> {
         validate_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
         let node = self.node()?;
-        let container = node.container(&req.container_id)?;
-        if container.record().state != ContainerState::Running {
-            return Err(StreamingError::FailedPrecondition(format!(
-                "container {} is not running",
-                container.id
-            )));
-        }
+        let container = node.running_container(&req.container_id)?;
         if req.stdin && !container.config.stdin {
             return Err(StreamingError::InvalidArgument(format!(
                 "container {} was not created with stdin: it cannot be attached with stdin",
@@ -205,18 +203,6 @@ impl StreamingServer {
 
     fn node(&self) -> Result<Arc<Node>, StreamingError> {
         self.node.upgrade().ok_or(StreamingError::ShuttingDown)
-    }
-
-    fn running_container(&self, query: &str) -> Result<String, StreamingError> {
-        let node = self.node()?;
-        let container = node.container(query)?;
-        if container.record().state != ContainerState::Running {
-            return Err(StreamingError::FailedPrecondition(format!(
-                "container {} is not running",
-                container.id
-            )));
-        }
-        Ok(container.id.clone())
     }
 }
 
